@@ -1,0 +1,244 @@
+"""The op contracts: argument validation and the normalised form every backend receives.
+
+Validation lives here, once, and runs before any backend is chosen or any kernel launched. Every error names
+the argument and says what was wrong. After validation the public arguments are brought into one canonical
+form so that each backend implements a single, small interface:
+
+attention  q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), mask None or (B, Hq, L, S)
+softmax    x (A, B, M, N) with the softmax over N, mask None or (A, B, M, N)
+
+Tensors in canonical form are views of the user's tensors whenever that is possible (any strides; broadcast
+dimensions have stride 0); a copy happens only where the user's layout cannot be expressed as such a view
+(more than one leading batch dimension that is not contiguous, or a softmax over a non-last dim).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+REFERENCE_DTYPES = SUPPORTED_DTYPES + (torch.float64,)
+BACKEND_NAMES = ("auto", "triton", "cuda", "reference")
+
+
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_float_dtype(name: str, t: torch.Tensor, dtypes: tuple) -> None:
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} has dtype {t.dtype}; supported dtypes are {names}")
+
+
+def check_backend_name(backend) -> str:
+    if backend is None:
+        return "auto"
+    if not isinstance(backend, str) or backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES} or None, got {backend!r}")
+    return backend
+
+
+def _check_scale(scale, default: float) -> float:
+    if scale is None:
+        return default
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale
+
+
+def _check_mask(name: str, mask, ref: torch.Tensor, target_shape: tuple, target_desc: str) -> None:
+    _check_tensor(name, mask)
+    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a bool tensor (True = keep) or a floating-point tensor (added), "
+                        f"got dtype {mask.dtype}")
+    if mask.device != ref.device:
+        raise ValueError(f"{name} is on {mask.device} but the inputs are on {ref.device}")
+    try:
+        shape = torch.broadcast_shapes(mask.shape, target_shape)
+    except RuntimeError:
+        shape = None
+    if shape != tuple(target_shape):
+        raise ValueError(f"{name} of shape {tuple(mask.shape)} does not broadcast to {target_desc} "
+                         f"{tuple(target_shape)}")
+
+
+def _merge_leading(t: torch.Tensor, lead_shape: tuple, keep: int) -> torch.Tensor:
+    """Broadcast t's leading dims to lead_shape and merge them into one: a view when possible."""
+    t = t.expand(*lead_shape, *t.shape[-keep:])
+    if len(lead_shape) == 1:
+        return t
+    if len(lead_shape) == 0:
+        return t.unsqueeze(0)
+    return t.reshape(-1, *t.shape[-keep:])
+
+
+@dataclass
+class AttentionArgs:
+    """Canonical attention arguments (see the module docstring)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: Optional[torch.Tensor]
+    dropout_p: float
+    is_causal: bool
+    scale: float
+    out_shape: tuple  # the user's output shape (..., Hq, L, Ev)
+
+    @property
+    def shape_desc(self) -> str:
+        B, Hq, L, E = self.q.shape
+        return f"B={B} Hq={Hq} Hkv={self.k.shape[1]} L={L} S={self.k.shape[2]} E={E} Ev={self.v.shape[3]}"
+
+
+def check_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                    enable_gqa=False, dtypes=SUPPORTED_DTYPES) -> AttentionArgs:
+    """Validate scaled_dot_product_attention's arguments and bring them into canonical form.
+
+    ``dtypes``: the accepted input dtypes (the reference also takes float64)."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _check_tensor(name, t)
+        _check_float_dtype(name, t, dtypes)
+        if t.dim() < 2:
+            raise ValueError(f"{name} must have at least 2 dims (..., seq, head_dim), got shape {tuple(t.shape)}")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(f"query, key and value must share one dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+    if not (query.device == key.device == value.device):
+        raise ValueError(f"query, key and value must be on one device, got {query.device}, {key.device}, "
+                         f"{value.device}")
+    if not (query.dim() == key.dim() == value.dim()):
+        raise ValueError(f"query, key and value must have the same number of dims, got {query.dim()}, "
+                         f"{key.dim()}, {value.dim()}")
+    E, Ek = query.shape[-1], key.shape[-1]
+    if E != Ek:
+        raise ValueError(f"query and key must have the same head dim, got query {E} and key {Ek}")
+    if E == 0:
+        raise ValueError("query and key have head dim 0; the head dim must be at least 1")
+    S, Sv = key.shape[-2], value.shape[-2]
+    if S != Sv:
+        raise ValueError(f"key and value must have the same sequence length, got key {S} and value {Sv}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not (0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if not isinstance(enable_gqa, bool):
+        raise TypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
+    scale = _check_scale(scale, 1.0 / math.sqrt(E))
+
+    # Heads: the dim -3 when present (a 2-D input has a single implicit head).
+    Hq = query.shape[-3] if query.dim() >= 3 else 1
+    Hk = key.shape[-3] if key.dim() >= 3 else 1
+    Hv = value.shape[-3] if value.dim() >= 3 else 1
+    if Hk != Hv:
+        raise ValueError(f"key and value must have the same number of heads, got key {Hk} and value {Hv}")
+    if Hq != Hk:
+        if enable_gqa:
+            if Hk == 0 or Hq % Hk != 0:
+                raise ValueError(f"with enable_gqa=True the query heads ({Hq}) must be a multiple of the "
+                                 f"key/value heads ({Hk})")
+        elif Hk != 1:
+            raise ValueError(f"query has {Hq} heads but key/value have {Hk}; pass enable_gqa=True for grouped-query "
+                             f"attention (query heads a multiple of key/value heads)")
+
+    lead_q, lead_k, lead_v = query.shape[:-3], key.shape[:-3], value.shape[:-3]
+    try:
+        lead = torch.broadcast_shapes(lead_q, lead_k, lead_v)
+    except RuntimeError:
+        raise ValueError(f"the batch dims of query {tuple(lead_q)}, key {tuple(lead_k)} and value {tuple(lead_v)} "
+                         f"do not broadcast") from None
+    L, Ev = query.shape[-2], value.shape[-1]
+    out_shape = (*lead, Hq, L, Ev) if query.dim() >= 3 else (L, Ev)
+
+    def canon(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 2:
+            t = t.unsqueeze(0)
+        return _merge_leading(t, tuple(lead), 3)
+
+    q, k, v = canon(query), canon(key), canon(value)
+
+    mask = None
+    if attn_mask is not None:
+        user_full = (*lead, Hq, L, S) if query.dim() >= 3 else (L, S)
+        _check_mask("attn_mask", attn_mask, query, user_full, "(..., Hq, L, S) =")
+        mask = _merge_leading(attn_mask.expand(user_full).expand(*lead, Hq, L, S), tuple(lead), 3)
+    return AttentionArgs(q, k, v, mask, float(dropout_p), is_causal, scale, out_shape)
+
+
+@dataclass
+class SoftmaxArgs:
+    """Canonical masked-softmax arguments (see the module docstring)."""
+
+    x: torch.Tensor
+    mask: Optional[torch.Tensor]
+    scale: float
+    is_causal: bool
+    dim: int  # the user's dim, normalised to be negative
+    moved: bool  # the softmax dim was moved last (a transposed view; the kernels take any strides)
+    work_shape: tuple  # shape of the input with the softmax dim moved last, before merging into 4 dims
+
+
+def check_masked_softmax(input, mask=None, scale=1.0, is_causal=False, dim=-1,
+                         dtypes=SUPPORTED_DTYPES) -> SoftmaxArgs:
+    """Validate masked_softmax's arguments and bring them into canonical form (``dtypes`` as above)."""
+    _check_tensor("input", input)
+    _check_float_dtype("input", input, dtypes)
+    if input.dim() < 1:
+        raise ValueError("input must have at least 1 dim")
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    if not -input.dim() <= dim < input.dim():
+        raise ValueError(f"dim {dim} is out of range for input with {input.dim()} dims")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if is_causal and input.dim() < 2:
+        raise ValueError("is_causal=True needs input with at least 2 dims (..., Sq, Sk)")
+    scale = _check_scale(scale, 1.0)
+    if mask is not None:
+        _check_mask("mask", mask, input, tuple(input.shape), "input's shape")
+    dim = dim - input.dim() if dim >= 0 else dim
+
+    # Causal masking is defined on the user's last two dims, so expand the causal pattern into the mask
+    # before moving the softmax dim: only when dim is not last (rare; costs one bool L x S tensor).
+    x, m, causal = input, mask, is_causal
+    moved = dim != -1
+    if moved:
+        if causal:
+            Sq, Sk = input.shape[-2], input.shape[-1]
+            tri = torch.ones(Sq, Sk, dtype=torch.bool, device=input.device).tril()
+            if m is None:
+                m = tri
+            elif m.dtype == torch.bool:
+                m = m & tri
+            else:
+                m = m.masked_fill(~tri, float("-inf"))
+            causal = False
+        x = x.movedim(dim, -1)
+        if m is not None:
+            m = m.expand(input.shape).movedim(dim, -1)
+    lead = tuple(x.shape[:-2]) if x.dim() >= 2 else ()
+    if x.dim() == 1:
+        x = x.unsqueeze(0)
+        m = m.expand(input.shape).unsqueeze(0) if m is not None else None
+    work_shape = tuple(x.shape)
+    m = m.expand(work_shape) if m is not None else None
+    # to (A, B, M, N)
+    if len(lead) == 0:
+        x4 = x.unsqueeze(0).unsqueeze(0)
+        m4 = m.unsqueeze(0).unsqueeze(0) if m is not None else None
+    elif len(lead) == 1:
+        x4 = x.unsqueeze(0)
+        m4 = m.unsqueeze(0) if m is not None else None
+    else:
+        x4 = x.reshape(-1, *x.shape[-3:])
+        m4 = m.reshape(-1, *m.shape[-3:]) if m is not None else None
+    return SoftmaxArgs(x4, m4, scale, causal, dim, moved, work_shape)

@@ -1,0 +1,227 @@
+"""Backend selection: which implementation runs a call.
+
+Each backend declares what it supports through ``attention_reasons`` / ``softmax_reasons`` (an empty list means
+"supported"; otherwise one human-readable reason per limitation, after xformers' ``not_supported_reasons``).
+The backend for a call is, in order of precedence: the ``backend=`` argument, the innermost
+``llmkernels.use_backend(...)`` block, the ``LLMKERNELS_BACKEND`` environment variable, then ``"auto"``.
+``"auto"`` takes the first backend of ``AUTO_ORDER`` (fastest first) that supports the inputs; an explicitly
+chosen backend that cannot take the inputs raises with its reasons, and so does ``"auto"`` when none can,
+listing every backend's reasons.
+
+The backends work on the canonical form of ``contract.py``; their kernels live in ``triton_kernels/`` (Triton),
+``cuda_ext.py`` + ``csrc/`` (CUDA C++) and ``reference.py`` (PyTorch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional
+
+import torch
+
+from .contract import BACKEND_NAMES, AttentionArgs, SoftmaxArgs, check_backend_name
+
+ENV_VAR = "LLMKERNELS_BACKEND"
+AUTO_ORDER = ("triton", "cuda", "reference")
+
+_block_backend: Optional[str] = None  # set by use_backend()
+
+
+class NotSupportedError(ValueError):
+    """No backend (or not the requested one) can run these inputs; the message lists the reasons."""
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the llmkernels calls inside the block on backend ``name`` ("auto", "triton", "cuda", "reference")."""
+    global _block_backend
+    name = check_backend_name(name)
+    previous, _block_backend = _block_backend, name
+    try:
+        yield
+    finally:
+        _block_backend = previous
+
+
+def requested_backend(backend: Optional[str]) -> str:
+    """The backend name in force for a call: argument, then use_backend block, then environment, then auto."""
+    if backend is not None:
+        return check_backend_name(backend)
+    if _block_backend is not None:
+        return _block_backend
+    env = os.environ.get(ENV_VAR)
+    if env:
+        if env not in BACKEND_NAMES:
+            raise ValueError(f"environment variable {ENV_VAR}={env!r} is not one of {BACKEND_NAMES}")
+        return env
+    return "auto"
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _find_triton_import_error() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"triton cannot be imported ({type(exc).__name__}: {exc})"
+    return None
+
+
+# Decided once at import (importing triton does not fix the interpreter mode; decorating kernels does).
+_TRITON_IMPORT_ERROR = _find_triton_import_error()
+
+
+def _cuda_capability(device: torch.device) -> tuple:
+    return torch.cuda.get_device_capability(device)
+
+
+class TritonBackend:
+    name = "triton"
+    # Head dims the kernels take: every size up to this (padded to a power of two on chip).
+    MAX_HEAD_DIM = 256
+
+    def _device_reasons(self, t: torch.Tensor) -> list:
+        err = _TRITON_IMPORT_ERROR
+        if err:
+            return [err]
+        if t.device.type == "cpu":
+            if not triton_interpreting():
+                return ["CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter) to run the Triton kernels"]
+            return []
+        if t.device.type != "cuda":
+            return [f"device type {t.device.type!r} is not supported (CUDA, or CPU with TRITON_INTERPRET=1)"]
+        if torch.version.hip is None and _cuda_capability(t.device) < (8, 0):
+            return [f"needs compute capability 8.0 or newer, {t.device} has {_cuda_capability(t.device)}"]
+        return []
+
+    def attention_reasons(self, a: AttentionArgs) -> list:
+        reasons = self._device_reasons(a.q)
+        E, Ev = a.q.shape[-1], a.v.shape[-1]
+        if E > self.MAX_HEAD_DIM or Ev > self.MAX_HEAD_DIM:
+            reasons.append(f"head dims up to {self.MAX_HEAD_DIM}, got E={E}, Ev={Ev}")
+        return reasons
+
+    def softmax_reasons(self, a: SoftmaxArgs) -> list:
+        return self._device_reasons(a.x)
+
+    def attention_forward(self, *args):
+        from .triton_kernels import attention
+        return attention.attention_forward(*args)
+
+    def attention_backward(self, *args):
+        from .triton_kernels import attention
+        return attention.attention_backward(*args)
+
+    def softmax_forward(self, *args):
+        from .triton_kernels import softmax
+        return softmax.masked_softmax_forward(*args)
+
+    def softmax_backward(self, *args):
+        from .triton_kernels import softmax
+        return softmax.masked_softmax_backward(*args)
+
+
+class CudaBackend:
+    name = "cuda"
+
+    def _device_reasons(self, t: torch.Tensor) -> list:
+        if t.device.type != "cuda":
+            return [f"runs on CUDA tensors only, got a {t.device.type} tensor"]
+        from . import cuda_ext
+        err = cuda_ext.unavailable_reason()
+        return [err] if err else []
+
+    def attention_reasons(self, a: AttentionArgs) -> list:
+        reasons = self._device_reasons(a.q)
+        if not reasons:
+            from . import cuda_ext
+            reasons += cuda_ext.attention_reasons(a)
+        return reasons
+
+    def softmax_reasons(self, a: SoftmaxArgs) -> list:
+        return self._device_reasons(a.x)
+
+    def attention_forward(self, *args):
+        from . import cuda_ext
+        return cuda_ext.attention_forward(*args)
+
+    def attention_backward(self, *args):
+        from . import cuda_ext
+        return cuda_ext.attention_backward(*args)
+
+    def softmax_forward(self, *args):
+        from . import cuda_ext
+        return cuda_ext.masked_softmax_forward(*args)
+
+    def softmax_backward(self, *args):
+        from . import cuda_ext
+        return cuda_ext.masked_softmax_backward(*args)
+
+
+class ReferenceBackend:
+    """PyTorch implementation of the contract: any device, float32 arithmetic for half-precision inputs."""
+
+    name = "reference"
+
+    def attention_reasons(self, a: AttentionArgs) -> list:
+        return []
+
+    def softmax_reasons(self, a: SoftmaxArgs) -> list:
+        return []
+
+    def attention_forward(self, *args):
+        from . import torch_backend
+        return torch_backend.attention_forward(*args)
+
+    def attention_backward(self, *args):
+        from . import torch_backend
+        return torch_backend.attention_backward(*args)
+
+    def softmax_forward(self, *args):
+        from . import torch_backend
+        return torch_backend.masked_softmax_forward(*args)
+
+    def softmax_backward(self, *args):
+        from . import torch_backend
+        return torch_backend.masked_softmax_backward(*args)
+
+
+BACKENDS = {b.name: b for b in (TritonBackend(), CudaBackend(), ReferenceBackend())}
+
+
+def get_backend(name: str):
+    return BACKENDS[name]
+
+
+def _choose(kind: str, args, backend: Optional[str]) -> str:
+    requested = requested_backend(backend)
+    reasons_of = "attention_reasons" if kind == "attention" else "softmax_reasons"
+    candidates = AUTO_ORDER if requested == "auto" else (requested,)
+    why_not = {}
+    for name in candidates:
+        reasons = getattr(BACKENDS[name], reasons_of)(args)
+        if not reasons:
+            return name
+        why_not[name] = reasons
+    lines = "\n".join(f"  {name}: " + "; ".join(r) for name, r in why_not.items())
+    what = "no backend supports" if requested == "auto" else f"backend {requested!r} does not support"
+    raise NotSupportedError(f"{what} these {kind} inputs:\n{lines}")
+
+
+def choose_attention_backend(args: AttentionArgs, backend: Optional[str] = None) -> str:
+    """The name of the backend that will run this attention call (raises NotSupportedError if none)."""
+    return _choose("attention", args, backend)
+
+
+def choose_softmax_backend(args: SoftmaxArgs, backend: Optional[str] = None) -> str:
+    """The name of the backend that will run this masked_softmax call (raises NotSupportedError if none)."""
+    return _choose("masked_softmax", args, backend)
+
+
+def attention_not_supported_reasons(args: AttentionArgs) -> dict:
+    """Each backend's reasons for not taking these inputs (an empty list: supported)."""
+    return {name: BACKENDS[name].attention_reasons(args) for name in AUTO_ORDER}

@@ -1,0 +1,197 @@
+"""The PyTorch ops: torch.library registration (fake tensors, autograd) and the public functions.
+
+Four ops live in the ``llmkernels`` namespace, each taking the canonical form of ``contract.py`` and the name of
+a concrete backend (chosen beforehand by ``dispatch.py``, so ``torch.compile`` sees a constant):
+
+  llmkernels::sdpa_forward            -> (out, lse)
+  llmkernels::sdpa_backward           -> (dq, dk, dv, dmask)
+  llmkernels::masked_softmax_forward  -> y
+  llmkernels::masked_softmax_backward -> dx
+
+The backward ops are ops too, so a compiled graph keeps them opaque and ``opcheck`` can test them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import contract, dispatch
+
+# ----------------------------------------------------------------------------------------------------------------
+# attention
+
+
+@torch.library.custom_op("llmkernels::sdpa_forward", mutates_args=())
+def sdpa_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool,
+                 scale: float, rng_state: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
+    return dispatch.get_backend(backend).attention_forward(q, k, v, attn_mask, dropout_p, is_causal, scale,
+                                                           rng_state)
+
+
+@sdpa_forward.register_fake
+def _(q, k, v, attn_mask, dropout_p, is_causal, scale, rng_state, backend):
+    B, Hq, L, _ = q.shape
+    out = q.new_empty(B, Hq, L, v.shape[-1])
+    lse = q.new_empty(B, Hq, L, dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("llmkernels::sdpa_backward", mutates_args=())
+def sdpa_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                  grad_lse: Optional[Tensor], attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool,
+                  scale: float, rng_state: Optional[Tensor], mask_needs_grad: bool,
+                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dmask is the gradient of the (expanded) float mask when mask_needs_grad, else an empty tensor."""
+    dq, dk, dv, dmask = dispatch.get_backend(backend).attention_backward(
+        grad_out, q, k, v, out, lse, grad_lse, attn_mask, dropout_p, is_causal, scale, rng_state, mask_needs_grad)
+    if mask_needs_grad:
+        dmask = dmask.to(attn_mask.dtype)
+    else:
+        dmask = q.new_empty(0)
+    return dq, dk, dv, dmask
+
+
+@sdpa_backward.register_fake
+def _(grad_out, q, k, v, out, lse, grad_lse, attn_mask, dropout_p, is_causal, scale, rng_state, mask_needs_grad,
+      backend):
+    dmask = attn_mask.new_empty(attn_mask.shape) if mask_needs_grad else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
+
+
+def _sdpa_setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, dropout_p, is_causal, scale, rng_state, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, rng_state)
+    ctx.args = (dropout_p, is_causal, scale, backend)
+
+
+def _sdpa_backward_rule(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, attn_mask, rng_state = ctx.saved_tensors
+    dropout_p, is_causal, scale, backend = ctx.args
+    mask_needs_grad = attn_mask is not None and ctx.needs_input_grad[3]
+    dq, dk, dv, dmask = sdpa_backward(grad_out, q, k, v, out, lse, grad_lse, attn_mask, dropout_p, is_causal, scale,
+                                      rng_state, mask_needs_grad, backend)
+    return dq, dk, dv, (dmask if mask_needs_grad else None), None, None, None, None, None
+
+
+sdpa_forward.register_autograd(_sdpa_backward_rule, setup_context=_sdpa_setup_context)
+
+
+def _new_rng_state(device: torch.device) -> Tensor:
+    """[seed, offset] for the Philox dropout stream, drawn from PyTorch's generator (so torch.manual_seed
+    reproduces it) on the tensors' device; the backward regenerates the mask from it."""
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device)
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False, *, return_lse=False, backend=None):
+    """Fused attention, a drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Shapes: query ``(..., Hq, L, E)``, key ``(..., Hkv, S, E)``, value ``(..., Hkv, S, Ev)``; the output is
+    ``(..., Hq, L, Ev)`` in the inputs' dtype (fp16, bf16 or fp32). Leading dims broadcast. Any strides: the
+    ``(B, L, H, E)`` layout passed as ``.transpose(1, 2)`` views runs without a copy.
+
+    attn_mask: bool (True = attend) or float (added to the scaled scores, ``-inf`` allowed), broadcastable to
+        ``(..., Hq, L, S)``; read through its strides, never expanded in memory. A float mask that requires
+        grad gets its gradient (summed over broadcast dims).
+    dropout_p: dropout on the attention weights whenever > 0 (as PyTorch: it does not look at ``training``).
+    is_causal: query ``i`` attends to keys ``j <= i`` (top-left alignment, also when ``L != S``); combines
+        with ``attn_mask``.
+    scale: defaults to ``1 / sqrt(E)``.
+    enable_gqa: grouped-query attention; ``Hq`` must be a multiple of ``Hkv``; query head ``h`` uses key/value
+        head ``h // (Hq // Hkv)``.
+    return_lse: also return the float32 natural-log log-sum-exp of the scaled, masked scores, shape
+        ``(..., Hq, L)``, so partial attentions over key blocks can be merged exactly. Differentiable.
+    backend: ``"triton"``, ``"cuda"``, ``"reference"`` or ``"auto"`` (the default: the fastest backend that
+        supports the inputs). See ``llmkernels.use_backend`` and the ``LLMKERNELS_BACKEND`` variable.
+
+    Rows with every key masked give output 0, gradient 0 and lse ``-inf``.
+    """
+    a = contract.check_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    name = dispatch.choose_attention_backend(a, backend)
+    B, Hq, L, _ = a.q.shape
+    S = a.k.shape[2]
+    if B * Hq * L == 0 or S == 0:
+        # Nothing to attend over (or nobody asking): every row is "fully masked" -> zeros, lse -inf.
+        out = a.q.new_zeros(B, Hq, L, a.v.shape[-1]) + 0 * a.v.sum() + 0 * a.q.sum()
+        lse = a.q.new_full((B, Hq, L), float("-inf"), dtype=torch.float32)
+    else:
+        rng_state = _new_rng_state(a.q.device) if a.dropout_p > 0.0 else None
+        out, lse = sdpa_forward(a.q, a.k, a.v, a.mask, a.dropout_p, a.is_causal, a.scale, rng_state, name)
+    out = out.reshape(a.out_shape)
+    if return_lse:
+        return out, lse.reshape(a.out_shape[:-1])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# masked softmax
+
+
+@torch.library.custom_op("llmkernels::masked_softmax_forward", mutates_args=())
+def masked_softmax_forward(x: Tensor, mask: Optional[Tensor], scale: float, is_causal: bool,
+                           backend: str) -> Tensor:
+    return dispatch.get_backend(backend).softmax_forward(x, mask, scale, is_causal)
+
+
+@masked_softmax_forward.register_fake
+def _(x, mask, scale, is_causal, backend):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("llmkernels::masked_softmax_backward", mutates_args=())
+def masked_softmax_backward(grad_y: Tensor, y: Tensor, scale: float, backend: str) -> Tensor:
+    return dispatch.get_backend(backend).softmax_backward(grad_y, y, scale)
+
+
+@masked_softmax_backward.register_fake
+def _(grad_y, y, scale, backend):
+    return y.new_empty(y.shape)
+
+
+def _softmax_setup_context(ctx, inputs, output):
+    x, mask, scale, is_causal, backend = inputs
+    ctx.save_for_backward(output)
+    ctx.scale, ctx.backend = scale, backend
+    ctx.mask_dtype = None if mask is None else mask.dtype
+
+
+def _softmax_backward_rule(ctx, grad_y):
+    (y,) = ctx.saved_tensors
+    dx = masked_softmax_backward(grad_y, y, ctx.scale, ctx.backend)
+    dmask = None
+    if ctx.needs_input_grad[1]:
+        # d(softmax(scale * x + mask)) / d mask is the gradient of the logits: the same kernel with scale 1.
+        dmask = masked_softmax_backward(grad_y, y, 1.0, ctx.backend).to(ctx.mask_dtype)
+    return dx, dmask, None, None, None
+
+
+masked_softmax_forward.register_autograd(_softmax_backward_rule, setup_context=_softmax_setup_context)
+
+
+def masked_softmax(input, mask=None, *, scale=1.0, is_causal=False, dim=-1, backend=None):
+    """Fused ``softmax(scale * input + mask)`` along ``dim``, forward and backward.
+
+    mask: bool (True = keep) or float (added, ``-inf`` allowed), broadcastable to ``input``; read through its
+        strides, never expanded in memory. A float mask that requires grad gets its gradient.
+    is_causal: hides column ``j > i`` of the last two dims ``(..., Sq, Sk)`` (top-left, as the attention op);
+        combines with ``mask``.
+    dim: any dim. A non-last dim is handled as a transposed view, which the kernels read through its strides
+        (uncoalesced, so slower than a last-dim softmax); with ``is_causal`` it also materialises the causal
+        pattern as a bool (Sq, Sk) mask.
+    Rows with nothing left give 0 and gradient 0. fp16, bf16, fp32 input, fp32 arithmetic, output in the input
+    dtype. Rows of any length (one pass on chip when the row fits, an online softmax beyond).
+    """
+    a = contract.check_masked_softmax(input, mask, scale, is_causal, dim)
+    name = dispatch.choose_softmax_backend(a, backend)
+    if a.x.numel() == 0:
+        y = a.x.new_empty(a.x.shape) + 0 * a.x
+    else:
+        y = masked_softmax_forward(a.x, a.mask, a.scale, a.is_causal, name)
+    y = y.reshape(a.work_shape)
+    if a.moved:
+        y = y.movedim(-1, a.dim)
+    return y.reshape(input.shape)

@@ -1,0 +1,115 @@
+"""The einsum reference: every kernel in llmkernels is checked against these functions.
+
+They are written in the form of the classic self-attention module (see ``../shared/guide/seed/``):
+``einsum("nqhd,nkhd->nhqk")`` for the scores, ``masked_fill`` for the mask, softmax, then
+``einsum("nhqk,nkhd->nqhd")`` for the weighted sum of values. The seed document writes the last product as
+``einsum("nhqk,nvhd->nqhd")``; that names V's position index ``v`` instead of ``k``, so einsum sums the weights
+over ``k`` (giving 1) and V over ``v`` separately, and every query gets the sum of V. ``SEED_VALUE_EINSUM``
+keeps the literal formula so a test can show it disagrees; do not "fix" the reference back to it.
+
+Unlike the kernels, the reference materialises the L x S score matrix and repeats K/V for GQA. It follows the
+full contract (KERNELS.md) and computes in ``compute_dtype`` (float64 for checks; ``None`` computes in the input
+dtype, which is the "naive PyTorch in low precision" baseline of the tolerance rule). It also serves as the
+``"reference"`` backend, in float32 for half-precision inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .contract import REFERENCE_DTYPES, check_attention, check_masked_softmax
+
+VALUE_EINSUM = "nhqk,nkhd->nqhd"
+SEED_VALUE_EINSUM = "nhqk,nvhd->nqhd"  # the seed document's bug, kept for the test that shows it is wrong
+
+
+def _softmax_zero_for_masked_rows(energy: torch.Tensor):
+    """Softmax over the last dim where a row with every entry -inf gives zeros (not NaN) and zero gradient.
+
+    Returns (weights, lse). NaN in the scores still propagates: only rows that are entirely -inf are zeroed.
+    """
+    fully_masked = torch.isneginf(energy).all(dim=-1, keepdim=True)
+    # Replace such rows by zeros before the softmax so that neither the values nor the gradients see NaN.
+    safe = energy.masked_fill(fully_masked, 0.0)
+    weights = torch.softmax(safe, dim=-1).masked_fill(fully_masked, 0.0)
+    lse = torch.logsumexp(safe, dim=-1).masked_fill(fully_masked.squeeze(-1), float("-inf"))
+    return weights, lse
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False, *, return_lse=False, dropout_mask: Optional[torch.Tensor] = None,
+                                 compute_dtype: Optional[torch.dtype] = None):
+    """Attention by the classic einsum formulation, with the full llmkernels contract.
+
+    ``dropout_mask``: a bool tensor broadcastable to (..., Hq, L, S), True = keep. When given, it is used
+    instead of drawing a random one (so a kernel's dropout can be checked exactly); kept weights are scaled by
+    ``1 / (1 - dropout_p)``. ``compute_dtype``: dtype of the arithmetic (``None``: the input dtype). The output
+    is returned in the input dtype; lse in float32 (float64 when computing in float64).
+    """
+    a = check_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, REFERENCE_DTYPES)
+    dtype = query.dtype
+    cdt = compute_dtype or dtype
+    B, Hq, L, E = a.q.shape
+    Hkv, S = a.k.shape[1], a.k.shape[2]
+
+    # The classic module's layout: (n, seq, heads, head_dim).
+    Q = a.q.to(cdt).transpose(1, 2)
+    K = a.k.to(cdt).transpose(1, 2)
+    V = a.v.to(cdt).transpose(1, 2)
+    if Hkv != Hq:  # GQA (or a single broadcast K/V head): query head h reads K/V head h // (Hq // Hkv)
+        K = K.repeat_interleave(Hq // Hkv, dim=2)
+        V = V.repeat_interleave(Hq // Hkv, dim=2)
+
+    energy = torch.einsum("nqhd,nkhd->nhqk", Q, K) * a.scale
+    if a.mask is not None:
+        if a.mask.dtype == torch.bool:
+            energy = energy.masked_fill(~a.mask, float("-inf"))
+        else:
+            energy = energy + a.mask.to(cdt)
+    if a.is_causal:
+        causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
+        energy = energy.masked_fill(~causal, float("-inf"))
+
+    attention, lse = _softmax_zero_for_masked_rows(energy)
+    if a.dropout_p > 0.0:
+        if dropout_mask is None:
+            dropout_mask = torch.rand_like(attention) >= a.dropout_p
+        else:
+            dropout_mask = dropout_mask.expand(a.out_shape[:-1] + (S,)).reshape(B, Hq, L, S)
+        attention = attention * dropout_mask.to(cdt) / (1.0 - a.dropout_p)
+
+    out = torch.einsum(VALUE_EINSUM, attention, V).transpose(1, 2)  # (B, Hq, L, Ev)
+    out = out.to(dtype).reshape(a.out_shape)
+    if not return_lse:
+        return out
+    lse_dtype = torch.float64 if cdt == torch.float64 else torch.float32
+    return out, lse.to(lse_dtype).reshape(a.out_shape[:-1])
+
+
+def masked_softmax(input, mask=None, *, scale=1.0, is_causal=False, dim=-1,
+                   compute_dtype: Optional[torch.dtype] = None):
+    """softmax(scale * input + mask) along ``dim`` with the llmkernels contract, in plain PyTorch.
+
+    Bool mask: True = keep. Float mask: added. ``is_causal`` hides column j > i of the last two dims. Rows with
+    nothing left give zeros and zero gradient. Arithmetic in ``compute_dtype`` (``None``: the input dtype);
+    result in the input dtype.
+    """
+    a = check_masked_softmax(input, mask, scale, is_causal, dim, REFERENCE_DTYPES)
+    cdt = compute_dtype or input.dtype
+    logits = a.x.to(cdt) * a.scale
+    if a.mask is not None:
+        if a.mask.dtype == torch.bool:
+            logits = logits.masked_fill(~a.mask, float("-inf"))
+        else:
+            logits = logits + a.mask.to(cdt)
+    if a.is_causal:
+        M, N = logits.shape[-2:]
+        causal = torch.ones(M, N, dtype=torch.bool, device=input.device).tril()
+        logits = logits.masked_fill(~causal, float("-inf"))
+    y, _ = _softmax_zero_for_masked_rows(logits)
+    y = y.reshape(a.work_shape)
+    if a.moved:
+        y = y.movedim(-1, a.dim)
+    return y.reshape(input.shape).to(input.dtype)

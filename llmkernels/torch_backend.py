@@ -1,0 +1,91 @@
+"""The "reference" backend: the contract in plain PyTorch, on any device.
+
+It runs ``reference.py`` in float32 (or the input dtype when that is float32) on the canonical form of
+``contract.py``, and its backward recomputes the forward under autograd. It is what runs CPU tensors when
+Triton's interpreter is off, and the last resort of ``"auto"``. It materialises the L x S scores, so it is
+neither fast nor memory-lean.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def dropout_keep_mask(rng_state: torch.Tensor, shape, dropout_p: float, device) -> torch.Tensor:
+    """The keep pattern this backend draws for ``rng_state`` = [seed, offset] (True = keep)."""
+    seed, offset = (int(x) for x in rng_state.tolist())
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed * 1_000_003 + offset) % (2**63))
+    return torch.rand(shape, generator=gen, device=device) >= dropout_p
+
+
+def _attention(q, k, v, mask, dropout_p, is_causal, scale, rng_state):
+    B, Hq, L, _ = q.shape
+    keep = None
+    if dropout_p > 0.0:
+        keep = dropout_keep_mask(rng_state, (B, Hq, L, k.shape[2]), dropout_p, q.device)
+    return reference.scaled_dot_product_attention(
+        q, k, v, mask, dropout_p, is_causal, scale, enable_gqa=True, return_lse=True, dropout_mask=keep,
+        compute_dtype=_compute_dtype(q.dtype))
+
+
+def attention_forward(q, k, v, mask, dropout_p, is_causal, scale, rng_state):
+    out, lse = _attention(q, k, v, mask, dropout_p, is_causal, scale, rng_state)
+    return out.contiguous(), lse.contiguous()
+
+
+def _weights(q, k, mask, is_causal, scale, cdt):
+    """The normalised attention weights P (B, Hq, L, S) in cdt, zero on fully masked rows; K repeated for GQA."""
+    group = q.shape[1] // k.shape[1]
+    K = k.to(cdt).repeat_interleave(group, dim=1)
+    energy = torch.einsum("bhld,bhsd->bhls", q.to(cdt), K) * scale
+    if mask is not None:
+        energy = energy.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else energy + mask.to(cdt)
+    if is_causal:
+        L, S = energy.shape[-2:]
+        energy = energy.masked_fill(~torch.ones(L, S, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    return reference._softmax_zero_for_masked_rows(energy)[0], K, group
+
+
+def attention_backward(grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state,
+                       mask_needs_grad):
+    # The FlashAttention backward written densely (this runs below autograd, so no autograd recompute):
+    # dV = Pd^T dO, dP = (dO V^T) * keep / (1 - p), dS = P * (dP - rowsum(P * dP) - grad_lse), dQ = scale dS K,
+    # dK = scale dS^T Q; the mask's gradient is dS (it is added to the scaled scores).
+    cdt = _compute_dtype(q.dtype)
+    B, Hq, L, _ = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    P, K, group = _weights(q, k, mask, is_causal, scale, cdt)
+    V = v.to(cdt).repeat_interleave(group, dim=1)
+    dO = grad_out.to(cdt)
+    Pd, dP = P, torch.einsum("bhld,bhsd->bhls", dO, V)
+    if dropout_p > 0.0:
+        keep = dropout_keep_mask(rng_state, (B, Hq, L, S), dropout_p, q.device).to(cdt) / (1.0 - dropout_p)
+        Pd, dP = P * keep, dP * keep
+    delta = (P * dP).sum(dim=-1, keepdim=True)
+    if grad_lse is not None:
+        delta = delta - grad_lse.to(cdt).unsqueeze(-1)
+    dS = P * (dP - delta)
+    dq = torch.einsum("bhls,bhsd->bhld", dS, K) * scale
+    dk = (torch.einsum("bhls,bhld->bhsd", dS, q.to(cdt)) * scale).view(B, Hkv, group, S, -1).sum(2)
+    dv = torch.einsum("bhls,bhld->bhsd", Pd, dO).view(B, Hkv, group, S, -1).sum(2)
+    dmask = dS if mask_needs_grad else None
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask
+
+
+def masked_softmax_forward(x, mask, scale, is_causal):
+    y = reference.masked_softmax(x, mask, scale=scale, is_causal=is_causal, compute_dtype=_compute_dtype(x.dtype))
+    return y.contiguous()
+
+
+def masked_softmax_backward(grad_y, y, scale):
+    yf = y.to(_compute_dtype(y.dtype))
+    gf = grad_y.to(yf.dtype)
+    dx = scale * yf * (gf - (gf * yf).sum(dim=-1, keepdim=True))
+    return dx.to(y.dtype).contiguous()

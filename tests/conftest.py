@@ -1,0 +1,74 @@
+"""Test set-up shared by every test module.
+
+On a machine without a GPU the Triton kernels run in Triton's interpreter on CPU tensors: TRITON_INTERPRET must
+be set before any kernel is decorated, so it is set here, before llmkernels' kernels are imported. On a GPU
+machine the same tests run the compiled kernels on the GPU.
+"""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import llmkernels  # noqa: E402  (after TRITON_INTERPRET is set)
+from llmkernels import _alloc  # noqa: E402
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _patch_interpreter_bf16_dot() -> None:
+    """Work around Triton's interpreter bug with bf16 ``tl.dot`` (triton 3.6 to 3.9).
+
+    The interpreter stores bf16 values as uint16 and its ``create_dot`` multiplies that raw storage, so every
+    bf16 dot returns garbage. A GPU's bf16 MMA multiplies exactly and accumulates in fp32, so we widen bf16
+    operands to the fp32 values they encode (exact: a bf16 is the top half of an fp32) before the matmul. This
+    fixes the simulator, not our kernels; fp16 and fp32 dots are untouched.
+    """
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    builder_cls = interpreter.InterpreterBuilder
+    if getattr(builder_cls, "_llmkernels_bf16_fix", False):
+        return
+    original = builder_cls.create_dot
+
+    def widen(handle):
+        if handle.dtype == tl.bfloat16:
+            as_f32 = (handle.data.astype(np.uint32) << 16).view(np.float32)
+            return interpreter.TensorHandle(as_f32, tl.float32)
+        return handle
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    builder_cls.create_dot = create_dot
+    builder_cls._llmkernels_bf16_fix = True
+
+
+if INTERPRETING:
+    _patch_interpreter_bf16_dot()
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    return "cuda" if HAS_GPU else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs():
+    """Every kernel output starts as NaN during tests, so an unwritten element cannot pass."""
+    _alloc.set_poison(True)
+    yield
+    _alloc.set_poison(False)
+
+
+def pytest_report_header(config):
+    where = "GPU " + torch.cuda.get_device_name() if HAS_GPU else "CPU"
+    return f"llmkernels {llmkernels.__version__}: {where}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"
