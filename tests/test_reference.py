@@ -1,0 +1,117 @@
+"""The einsum reference agrees with PyTorch's own math and with the contract; the seed's formula does not."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmkernels import reference
+
+f64 = torch.float64
+
+
+def _qkv(B, Hq, Hkv, L, S, E, Ev, dtype=f64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, L, E, generator=g, dtype=dtype)
+    k = torch.randn(B, Hkv, S, E, generator=g, dtype=dtype)
+    v = torch.randn(B, Hkv, S, Ev, generator=g, dtype=dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("L,S", [(1, 1), (17, 29), (29, 17), (64, 64)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
+def test_matches_torch_math_sdpa(L, S, causal, mask_kind):
+    q, k, v = _qkv(2, 4, 4, L, S, 16, 24)
+    g = torch.Generator().manual_seed(1)
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(L, S, generator=g) > 0.3
+        mask[:, 0] = True  # no fully masked rows: PyTorch's math path gives NaN for those in fp64 on some versions
+    elif mask_kind == "float":
+        mask = torch.randn(2, 1, L, S, generator=g, dtype=f64)
+    ours = reference.scaled_dot_product_attention(q, k, v, mask, is_causal=causal and mask is None)
+    theirs = F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal and mask is None)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_gqa_matches_repeated_heads():
+    q, k, v = _qkv(1, 6, 2, 9, 11, 8, 8)
+    ours = reference.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    rep = reference.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1))
+    torch.testing.assert_close(ours, rep, rtol=0, atol=0)
+
+
+def test_causal_is_top_left_when_L_differs_from_S():
+    q, k, v = _qkv(1, 1, 1, 5, 9, 4, 4)
+    ours = reference.scaled_dot_product_attention(q, k, v, is_causal=True)
+    tril = torch.ones(5, 9, dtype=torch.bool).tril()
+    explicit = reference.scaled_dot_product_attention(q, k, v, tril)
+    torch.testing.assert_close(ours, explicit, rtol=0, atol=0)
+    # row 0 attends to key 0 only
+    torch.testing.assert_close(ours[0, 0, 0], v[0, 0, 0], rtol=1e-12, atol=1e-12)
+
+
+def test_fully_masked_rows_give_zero_output_zero_grad_and_minus_inf_lse():
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 2, 4, 6, 8, 8))
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[2] = False
+    out, lse = reference.scaled_dot_product_attention(q, k, v, mask, return_lse=True)
+    assert torch.all(out[:, :, 2] == 0) and torch.isneginf(lse[:, :, 2]).all()
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    assert torch.all(q.grad[:, :, 2] == 0) and torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+
+
+def test_lse_is_logsumexp_of_scaled_scores():
+    q, k, v = _qkv(1, 2, 2, 7, 5, 8, 8)
+    _, lse = reference.scaled_dot_product_attention(q, k, v, scale=0.3, return_lse=True)
+    expected = torch.logsumexp(q @ k.transpose(-1, -2) * 0.3, dim=-1)
+    torch.testing.assert_close(lse, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_explicit_dropout_mask_is_applied_and_rescaled():
+    q, k, v = _qkv(1, 1, 1, 6, 7, 4, 4)
+    keep = torch.rand(1, 1, 6, 7, generator=torch.Generator().manual_seed(3)) > 0.25
+    ours = reference.scaled_dot_product_attention(q, k, v, dropout_p=0.25, dropout_mask=keep)
+    p = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(4), dim=-1) * keep / 0.75
+    torch.testing.assert_close(ours, p @ v, rtol=1e-12, atol=1e-12)
+
+
+def test_seed_value_einsum_is_wrong():
+    """The seed document's ``einsum("nhqk,nvhd->nqhd")`` returns the sum of V for every query (it ignores the
+    weights); the reference's ``nhqk,nkhd->nqhd`` does not. This test keeps anyone from "fixing" it back."""
+    N, L, H, D = 2, 5, 3, 4
+    g = torch.Generator().manual_seed(0)
+    attention = torch.softmax(torch.randn(N, H, L, L, generator=g, dtype=f64), dim=-1)
+    V = torch.randn(N, L, H, D, generator=g, dtype=f64)
+    seed = torch.einsum(reference.SEED_VALUE_EINSUM, attention, V)
+    fixed = torch.einsum(reference.VALUE_EINSUM, attention, V)
+    torch.testing.assert_close(fixed, (attention @ V.transpose(1, 2)).transpose(1, 2))
+    # the literal formula: every query gets sum over positions of V (the weights sum to 1 over k)
+    torch.testing.assert_close(seed, V.sum(dim=1, keepdim=True).expand(N, L, H, D))
+    assert (seed - fixed).abs().max() > 0.1
+
+
+def test_masked_softmax_reference_matches_torch():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 7, generator=g, dtype=f64)
+    m = torch.randn(1, 3, 1, 7, generator=g, dtype=f64)
+    ours = reference.masked_softmax(x, m, scale=0.7)
+    torch.testing.assert_close(ours, torch.softmax(x * 0.7 + m, -1), rtol=1e-12, atol=1e-12)
+    causal = reference.masked_softmax(x, is_causal=True)
+    tri = torch.ones(5, 7, dtype=torch.bool).tril()
+    torch.testing.assert_close(causal, torch.softmax(x.masked_fill(~tri, -math.inf), -1), rtol=1e-12, atol=1e-12)
+    along1 = reference.masked_softmax(x, dim=1)
+    torch.testing.assert_close(along1, torch.softmax(x, 1), rtol=1e-12, atol=1e-12)
+
+
+def test_masked_softmax_reference_fully_masked_row_is_zero_with_zero_grad():
+    x = torch.randn(3, 6, dtype=f64, requires_grad=True)
+    m = torch.ones(3, 6, dtype=torch.bool)
+    m[1] = False
+    y = reference.masked_softmax(x, m)
+    assert torch.all(y[1] == 0) and torch.isfinite(y).all()
+    (y * torch.randn_like(y)).sum().backward()
+    assert torch.all(x.grad[1] == 0) and torch.isfinite(x.grad).all()
