@@ -18,3 +18,12 @@ __version__ = "0.1.0"
 
 __all__ = ["scaled_dot_product_attention", "masked_softmax", "use_backend", "NotSupportedError", "reference",
            "__version__"]
+
+# Drop-in integration: the seed's SelfAttention module on the fused op, and routing of
+# torch.nn.functional.scaled_dot_product_attention to llmkernels (Hugging Face: llmkernels.integrations.huggingface).
+from . import nn  # noqa: E402
+from .integrations.sdpa_routing import (disable_sdpa_routing, enable_sdpa_routing, reset_routing_stats,  # noqa: E402
+                                        route_sdpa, routing_stats, sdpa_routing_enabled)
+
+__all__ += ["nn", "route_sdpa", "enable_sdpa_routing", "disable_sdpa_routing", "sdpa_routing_enabled", "routing_stats",
+            "reset_routing_stats"]

@@ -86,6 +86,14 @@ def _new_rng_state(device: torch.device) -> Tensor:
     return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device)
 
 
+def _tie_zero_grad(out: Tensor, t: Optional[Tensor]) -> Tensor:
+    """out + (sum of an empty slice of t): the same values, and t gets a zero gradient of its own shape."""
+    if t is None or not t.requires_grad:
+        return out
+    empty = t.narrow(-1, 0, 0) if t.dim() > 0 else t.reshape(1).narrow(0, 0, 0)
+    return out + empty.sum().to(out.dtype)
+
+
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False, *, return_lse=False, backend=None):
     """Fused attention, a drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
@@ -110,13 +118,20 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     Rows with every key masked give output 0, gradient 0 and lse ``-inf``.
     """
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     a = contract.check_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     name = dispatch.choose_attention_backend(a, backend)
     B, Hq, L, _ = a.q.shape
     S = a.k.shape[2]
     if B * Hq * L == 0 or S == 0:
-        # Nothing to attend over (or nobody asking): every row is "fully masked" -> zeros, lse -inf.
-        out = a.q.new_zeros(B, Hq, L, a.v.shape[-1]) + 0 * a.v.sum() + 0 * a.q.sum()
+        # Nothing to attend over (or nobody asking): every row is "fully masked" -> zeros, lse -inf, as PyTorch's
+        # math path gives (an empty softmax times an empty V is 0). No kernel runs. Each input that requires grad
+        # is tied in through an empty slice (its sum is exactly 0, so a NaN elsewhere in q does not leak into the
+        # zeros), and so gets a zero gradient of its own shape, as from PyTorch, rather than None.
+        out = a.q.new_zeros(B, Hq, L, a.v.shape[-1])
+        for t in (query, key, value, attn_mask):
+            out = _tie_zero_grad(out, t)
         lse = a.q.new_full((B, Hq, L), float("-inf"), dtype=torch.float32)
     else:
         rng_state = _new_rng_state(a.q.device) if a.dropout_p > 0.0 else None
@@ -188,7 +203,8 @@ def masked_softmax(input, mask=None, *, scale=1.0, is_causal=False, dim=-1, back
     a = contract.check_masked_softmax(input, mask, scale, is_causal, dim)
     name = dispatch.choose_softmax_backend(a, backend)
     if a.x.numel() == 0:
-        y = a.x.new_empty(a.x.shape) + 0 * a.x
+        # Nothing to normalise: an empty result; input and a float mask that require grad get zero gradients.
+        y = _tie_zero_grad(_tie_zero_grad(a.x.new_empty(a.x.shape), input), mask)
     else:
         y = masked_softmax_forward(a.x, a.mask, a.scale, a.is_causal, name)
     y = y.reshape(a.work_shape)
