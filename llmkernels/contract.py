@@ -29,6 +29,13 @@ BACKEND_NAMES = ("auto", "triton", "cuda", "reference")
 def _check_tensor(name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    # The kernels read data through sizes and strides; nested (ragged) and sparse tensors have neither in that
+    # sense, and would otherwise fail deep inside a backend.
+    if t.is_nested:
+        raise TypeError(f"{name} is a nested tensor; llmkernels takes dense tensors (pad the sequences and pass "
+                        f"a mask)")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} has layout {t.layout}; llmkernels takes dense (torch.strided) tensors")
 
 
 def _check_float_dtype(name: str, t: torch.Tensor, dtypes: tuple) -> None:

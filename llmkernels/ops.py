@@ -116,7 +116,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     backend: ``"triton"``, ``"cuda"``, ``"reference"`` or ``"auto"`` (the default: the fastest backend that
         supports the inputs). See ``llmkernels.use_backend`` and the ``LLMKERNELS_BACKEND`` variable.
 
-    Rows with every key masked give output 0, gradient 0 and lse ``-inf``.
+    Rows with every key masked give output 0, gradient 0 and lse ``-inf``. With no keys at all (``S == 0``)
+    every row is such a row: output 0, even where ``query`` holds NaN or inf (PyTorch's math path returns NaN in
+    every row then, from any non-finite element of ``query``). Empty inputs (``L == 0``, batch 0) give empty
+    outputs; every input gets a zero gradient of its own shape, as from PyTorch.
+
+    NaN or inf in query, key or value propagate as in PyTorch's math path wherever they enter an unmasked score
+    or a value with non-zero weight. Masked positions are not read: a NaN score there does not spread over the row
+    (PyTorch's math path adds the mask to it and gets NaN; its fused kernels, like ours, do not).
     """
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
@@ -125,10 +132,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     B, Hq, L, _ = a.q.shape
     S = a.k.shape[2]
     if B * Hq * L == 0 or S == 0:
-        # Nothing to attend over (or nobody asking): every row is "fully masked" -> zeros, lse -inf, as PyTorch's
-        # math path gives (an empty softmax times an empty V is 0). No kernel runs. Each input that requires grad
-        # is tied in through an empty slice (its sum is exactly 0, so a NaN elsewhere in q does not leak into the
-        # zeros), and so gets a zero gradient of its own shape, as from PyTorch, rather than None.
+        # Nothing to attend over (or nobody asking): every row is "fully masked" -> zeros, lse -inf (PyTorch's
+        # math path gives the same zeros for finite q: an empty softmax times an empty V). No kernel runs. Each
+        # input that requires grad is tied in through an empty slice (its sum is exactly 0, so a NaN in q does
+        # not turn the zeros into NaN), and so gets a zero gradient of its own shape, as from PyTorch, not None.
         out = a.q.new_zeros(B, Hq, L, a.v.shape[-1])
         for t in (query, key, value, attn_mask):
             out = _tie_zero_grad(out, t)
