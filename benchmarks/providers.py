@@ -1,0 +1,242 @@
+"""Every implementation the suite times, in one place.
+
+A provider turns a workload's inputs into a zero-argument forward call (``Prepared``), or raises
+``Unavailable`` with the reason it cannot run here (a module not built yet, a CUDA-only kernel on CPU, a
+backend that rejects the inputs). The runner times the forward, the backward or both from that call, so the
+providers need not know about modes.
+
+Attention:
+  llmk-triton, llmk-cuda   llmkernels.scaled_dot_product_attention(..., backend="triton" / "cuda")
+  sdpa-flash, sdpa-efficient, sdpa-cudnn, sdpa-math
+                           torch.nn.functional.scaled_dot_product_attention with that backend forced through
+                           torch.nn.attention.sdpa_kernel
+  flex                     torch.nn.attention.flex_attention under torch.compile; causal and padding masks as a
+                           block mask, the float bias as a score_mod
+  reference                llmkernels.reference.scaled_dot_product_attention: the classic einsum module's math,
+                           in the input dtype (materialises L x S)
+Masked softmax:
+  llmk-triton, llmk-cuda   llmkernels.masked_softmax(..., backend="triton" / "cuda")
+  eager                    torch.softmax(x * scale + mask, -1) (causal: masked_fill with a precomputed triangle)
+  compiled                 the same function under torch.compile
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+
+class Unavailable(Exception):
+    """This provider cannot run these inputs on this machine; the message says why."""
+
+
+@dataclass
+class Prepared:
+    forward: Callable[[], torch.Tensor]
+    # Entered around every use of ``forward`` (warm-up, timing, memory): e.g. forcing an SDPA backend, so the
+    # context switch itself is not timed.
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+
+@dataclass
+class Provider:
+    name: str
+    op: str  # "attention" or "softmax"
+    prepare: Callable  # inputs -> Prepared, or raises Unavailable
+    # On a machine without a GPU the default run leaves some providers out (they are then listed as skipped,
+    # with this reason); naming them with --providers runs them anyway.
+    cpu_skip: Optional[str] = None
+
+
+def _import_error(module: str, path: str) -> Optional[str]:
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # not written yet, or broken: either way the reason is worth printing
+        return f"{path} cannot be imported ({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''})"
+    return None
+
+
+_BACKEND_MODULES = {
+    ("triton", "attention"): ("llmkernels.triton_kernels.attention", "llmkernels/triton_kernels/attention.py"),
+    ("triton", "softmax"): ("llmkernels.triton_kernels.softmax", "llmkernels/triton_kernels/softmax.py"),
+    ("cuda", "attention"): ("llmkernels.cuda_ext", "llmkernels/cuda_ext.py"),
+    ("cuda", "softmax"): ("llmkernels.cuda_ext", "llmkernels/cuda_ext.py"),
+}
+
+
+def llmkernels_reasons(backend: str, op: str, args) -> list:
+    """Why llmkernels' ``backend`` cannot run these canonical ``args`` (empty: it can)."""
+    from llmkernels import dispatch
+
+    reasons = []
+    err = _import_error(*_BACKEND_MODULES[(backend, op)])
+    if err:
+        reasons.append(err)
+    b = dispatch.BACKENDS[backend]
+    try:
+        reasons += b.attention_reasons(args) if op == "attention" else b.softmax_reasons(args)
+    except Exception as exc:  # a backend whose own check fails (e.g. its module is missing) cannot run
+        reasons.append(f"{type(exc).__name__}: {exc}")
+    return list(dict.fromkeys(r for r in reasons if r))  # de-duplicated, in order
+
+
+def fresh_compile(fn):
+    """torch.compile(fn) for one workload: the dynamo cache is reset first so each shape compiles once with
+    static shapes (no recompile limit reached across a sweep, no dynamic-shape kernels)."""
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# attention
+
+
+def _llmk_attention(backend: str):
+    def prepare(inp):
+        import llmkernels
+        from llmkernels import contract
+
+        w = inp.workload
+        args = contract.check_attention(inp.q, inp.k, inp.v, inp.mask, 0.0, w.causal, None, inp.enable_gqa)
+        reasons = llmkernels_reasons(backend, "attention", args)
+        if reasons:
+            raise Unavailable("; ".join(reasons))
+        return Prepared(lambda: llmkernels.scaled_dot_product_attention(
+            inp.q, inp.k, inp.v, attn_mask=inp.mask, is_causal=w.causal, enable_gqa=inp.enable_gqa,
+            backend=backend))
+    return prepare
+
+
+def _sdpa(backend_name: str, cuda_only: bool):
+    def prepare(inp):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = getattr(SDPBackend, backend_name, None)
+        if backend is None:
+            raise Unavailable(f"torch {torch.__version__} has no SDPBackend.{backend_name}")
+        if cuda_only and inp.q.device.type != "cuda":
+            raise Unavailable(f"SDPBackend.{backend_name} runs on CUDA only")
+        w = inp.workload
+        gqa = {"enable_gqa": True} if inp.enable_gqa else {}
+        return Prepared(lambda: F.scaled_dot_product_attention(inp.q, inp.k, inp.v, attn_mask=inp.mask,
+                                                               is_causal=w.causal, **gqa),
+                        context=lambda: sdpa_kernel([backend]))
+    return prepare
+
+
+def _flex(inp):
+    try:
+        from torch.nn.attention.flex_attention import and_masks, create_block_mask, flex_attention
+    except ImportError as exc:
+        raise Unavailable(f"torch {torch.__version__} has no FlexAttention ({exc})") from None
+    w = inp.workload
+    mask_mods = []
+    if w.causal:
+        mask_mods.append(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx)  # top-left, as the contract
+    if inp.lengths is not None:
+        lengths = inp.lengths
+        mask_mods.append(lambda b, h, q_idx, kv_idx: kv_idx < lengths[b])
+    block_mask = None
+    if mask_mods:
+        batch = w.B if inp.lengths is not None else None  # the padding mask differs per sequence
+        block_mask = create_block_mask(and_masks(*mask_mods), batch, None, w.L, w.S, device=inp.q.device)
+    score_mod = None
+    if w.mask == "bias":
+        bias = inp.mask
+
+        def score_mod(score, b, h, q_idx, kv_idx):  # flex applies it to the scaled score, as the float mask
+            return score + bias[0, h, q_idx, kv_idx]
+    elif inp.mask is not None and inp.lengths is None:
+        raise Unavailable(f"no FlexAttention form for mask kind {w.mask!r}")
+    compiled = fresh_compile(flex_attention)
+    return Prepared(lambda: compiled(inp.q, inp.k, inp.v, score_mod=score_mod, block_mask=block_mask,
+                                     enable_gqa=inp.enable_gqa))
+
+
+def _einsum_reference(inp):
+    import llmkernels
+
+    w = inp.workload
+    return Prepared(lambda: llmkernels.reference.scaled_dot_product_attention(
+        inp.q, inp.k, inp.v, attn_mask=inp.mask, is_causal=w.causal, enable_gqa=inp.enable_gqa))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# masked softmax
+
+
+def _llmk_softmax(backend: str):
+    def prepare(inp):
+        import llmkernels
+        from llmkernels import contract
+
+        w = inp.workload
+        args = contract.check_masked_softmax(inp.x, inp.mask, w.scale, w.causal)
+        reasons = llmkernels_reasons(backend, "softmax", args)
+        if reasons:
+            raise Unavailable("; ".join(reasons))
+        return Prepared(lambda: llmkernels.masked_softmax(inp.x, inp.mask, scale=w.scale, is_causal=w.causal,
+                                                          backend=backend))
+    return prepare
+
+
+def eager_masked_softmax(x, mask, scale: float, hidden: Optional[torch.Tensor]):
+    """What a model without a fused kernel writes: scale, add the mask, hide the causal triangle, softmax."""
+    logits = x * scale
+    if mask is not None:
+        logits = logits + mask
+    if hidden is not None:
+        logits = logits.masked_fill(hidden, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def _causal_hidden(inp):
+    w = inp.workload
+    if not w.causal:
+        return None
+    return torch.ones(w.M, w.N, dtype=torch.bool, device=inp.x.device).triu(1)  # column j > row i hidden
+
+
+def _eager_softmax(inp):
+    hidden = _causal_hidden(inp)
+    return Prepared(lambda: eager_masked_softmax(inp.x, inp.mask, inp.workload.scale, hidden))
+
+
+def _compiled_softmax(inp):
+    hidden = _causal_hidden(inp)
+    compiled = fresh_compile(eager_masked_softmax)
+    return Prepared(lambda: compiled(inp.x, inp.mask, inp.workload.scale, hidden))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+_FLEX_CPU_SKIP = ("torch.compile of flex_attention takes ~10 s per shape on a CPU and FlexAttention is measured "
+                  "on GPUs; name it with --providers to run it anyway")
+
+PROVIDERS = [
+    Provider("llmk-triton", "attention", _llmk_attention("triton")),
+    Provider("llmk-cuda", "attention", _llmk_attention("cuda")),
+    Provider("sdpa-flash", "attention", _sdpa("FLASH_ATTENTION", cuda_only=False)),  # PyTorch has a CPU flash
+    Provider("sdpa-efficient", "attention", _sdpa("EFFICIENT_ATTENTION", cuda_only=True)),
+    Provider("sdpa-cudnn", "attention", _sdpa("CUDNN_ATTENTION", cuda_only=True)),
+    Provider("sdpa-math", "attention", _sdpa("MATH", cuda_only=False)),
+    Provider("flex", "attention", _flex, cpu_skip=_FLEX_CPU_SKIP),
+    Provider("reference", "attention", _einsum_reference),
+    Provider("llmk-triton", "softmax", _llmk_softmax("triton")),
+    Provider("llmk-cuda", "softmax", _llmk_softmax("cuda")),
+    Provider("eager", "softmax", _eager_softmax),
+    Provider("compiled", "softmax", _compiled_softmax),
+]
+
+
+def providers_for(op: str) -> list:
+    return [p for p in PROVIDERS if p.op == op]
+
+
+def provider_names(op: Optional[str] = None) -> list:
+    return list(dict.fromkeys(p.name for p in PROVIDERS if op is None or p.op == op))
