@@ -17,11 +17,20 @@ from conftest import HAS_GPU, INTERPRETING
 from llmkernels import use_backend
 
 _KERNEL_MODULES = {"attention": "llmkernels.triton_kernels.attention", "softmax": "llmkernels.triton_kernels.softmax"}
+_ENTRY_POINTS = {"attention": ("attention_forward", "attention_backward"),
+                 "softmax": ("masked_softmax_forward", "masked_softmax_backward")}
 
 
 def triton_present(kind: str = "attention") -> bool:
-    """Triton can run here (GPU, or the interpreter) and its kernel module for ``kind`` exists."""
-    return (HAS_GPU or INTERPRETING) and importlib.util.find_spec(_KERNEL_MODULES[kind]) is not None
+    """Triton can run here (GPU, or the interpreter) and its kernel module for ``kind`` exists with the entry
+    points the backend calls (a module still being written may lack them)."""
+    if not (HAS_GPU or INTERPRETING) or importlib.util.find_spec(_KERNEL_MODULES[kind]) is None:
+        return False
+    try:
+        module = importlib.import_module(_KERNEL_MODULES[kind])
+    except Exception:  # a half-written module: not usable yet
+        return False
+    return all(hasattr(module, fn) for fn in _ENTRY_POINTS[kind])
 
 
 def cuda_present(kind: str = "attention") -> bool:
