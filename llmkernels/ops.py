@@ -124,6 +124,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     NaN or inf in query, key or value propagate as in PyTorch's math path wherever they enter an unmasked score
     or a value with non-zero weight. Masked positions are not read: a NaN score there does not spread over the row
     (PyTorch's math path adds the mask to it and gets NaN; its fused kernels, like ours, do not).
+
+    Determinism: to get bitwise-identical forward and backward results run to run, keep the inputs, backend and
+    device fixed, call ``torch.manual_seed(...)`` before each run when ``dropout_p > 0`` (the dropout seed is
+    drawn from PyTorch's generator), and set ``torch.use_deterministic_algorithms(True)`` (which also makes the
+    surrounding PyTorch ops deterministic). The Triton backward sums every output element in one program in a
+    fixed order, with no atomics, so it is deterministic with or without the flag (``tests/test_determinism.py``
+    checks it). The GPU autotuner chooses tile sizes once per process and input bucket; results are identical
+    within a process, and across processes when the same config is chosen.
     """
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
