@@ -99,7 +99,7 @@ def classify_failure(exc: BaseException, caught: list) -> str:
     if "No available kernel" in text or "No viable backend" in text:
         why = [" ".join(str(w.message).split()) for w in caught]
         return "unavailable: " + ("; ".join(dict.fromkeys(why)) or msg)
-    if type(exc).__name__ == "NotSupportedError":
+    if type(exc).__name__ == "NotSupportedError" or isinstance(exc, NotImplementedError):
         return "unavailable: " + " ".join(text.split())
     return f"error: {type(exc).__name__}: {msg}"
 
