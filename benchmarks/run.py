@@ -60,10 +60,9 @@ def reference_outputs(inp, device: str):
     if hasattr(inp, "q"):
         if w.B * w.Hq * w.L * w.S > CHECK_MAX_ELEMENTS[device]:
             return None
-        kw = dict(attn_mask=inp.mask, is_causal=w.causal, enable_gqa=inp.enable_gqa)
-        ref = reference.scaled_dot_product_attention(up(inp.q), up(inp.k), up(inp.v), **{**kw, "attn_mask":
-                                                                                       up(inp.mask)})
-        naive = reference.scaled_dot_product_attention(inp.q, inp.k, inp.v, **kw)
+        kw = dict(is_causal=w.causal, enable_gqa=inp.enable_gqa)
+        ref = reference.scaled_dot_product_attention(up(inp.q), up(inp.k), up(inp.v), up(inp.mask), **kw)
+        naive = reference.scaled_dot_product_attention(inp.q, inp.k, inp.v, inp.mask, **kw)
     else:
         if w.numel > CHECK_MAX_ELEMENTS[device] // 4:
             return None
