@@ -6,8 +6,9 @@
 # prints the environment, measures the copy and matmul ceilings, builds the CUDA extension (just in time, via
 # llmkernels.cuda_ext), runs the GPU tests, runs the quick benchmark sweep, and leaves suite.log, results.json,
 # ceilings.json, tests.xml and plots/ in OUTDIR. Every step runs under `timeout`, so a hung step costs its own
-# budget only; the budgets below add up to 7 min 50 s (the H200 session allows 8 min). Without a GPU it still
-# runs end to end: the GPU steps say there is no GPU and the sweep is the small CPU one.
+# budget only. The whole suite ends within TOTAL seconds (7 min 50 s; the H200 session allows 8 min): the tests
+# get what the earlier steps left, minus the sweep's share. Without a GPU it still runs end to end: the GPU
+# steps say there is no GPU and the sweep is the small CPU one.
 #
 # Environment: PYTHON (default python3), LLMKERNELS_GIT_COMMIT (the commit, for copies without .git),
 # MAX_JOBS (parallel nvcc jobs for the build, default: all cores).
@@ -23,13 +24,14 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 PY=${PYTHON:-python3}
 
-# seconds per step
-T_ENV=20 T_CEIL=45 T_BUILD=120 T_TESTS=120 T_SWEEP=165
-SWEEP_BUDGET=$((T_SWEEP - 45))  # the sweep stops starting measurements then, leaving time for table and plots
+# seconds: the whole suite, and the most each step may take
+TOTAL=470 T_ENV=20 T_CEIL=45 T_BUILD=150 T_SWEEP=165
 
 exec > >(tee -a "$OUT/suite.log") 2>&1
 SUMMARY=()
 SUITE_START=$(date +%s)
+DEADLINE=$((SUITE_START + TOTAL))
+left() { echo $((DEADLINE - $(date +%s))); }
 
 step() {  # step NAME SECONDS CMD...
     local name=$1 limit=$2 start rc cmd
@@ -77,13 +79,18 @@ fi
 
 if [ $HAS_GPU -eq 1 ]; then
     # test_static_compile.py compiles every Triton config on the CPU: no GPU involved, and CI runs it already.
+    T_TESTS=$(( $(left) - T_SWEEP - 5 ))
+    [ $T_TESTS -lt 30 ] && T_TESTS=30
     step tests "$T_TESTS" $PY -m pytest tests/ -x -q -p no:cacheprovider --ignore=tests/test_static_compile.py \
         --junitxml="$OUT/tests.xml"
 else
     skip tests "no GPU (CI runs the test suite on CPU: pytest)"
 fi
 
-step sweep "$T_SWEEP" $PY -m benchmarks.run --out "$OUT" --time-budget "$SWEEP_BUDGET" --no-static
+T_SWEEP=$(( $(left) < T_SWEEP ? $(left) : T_SWEEP ))
+[ $T_SWEEP -lt 60 ] && T_SWEEP=60
+# the sweep stops starting measurements 45 s before its limit, leaving time for the table and the plots
+step sweep "$T_SWEEP" $PY -m benchmarks.run --out "$OUT" --time-budget $((T_SWEEP - 45)) --no-static
 
 echo
 echo "=== summary ($(( $(date +%s) - SUITE_START )) s in all; GPU: $([ $HAS_GPU -eq 1 ] && echo yes || echo no))"
