@@ -176,3 +176,48 @@ def test_cpu_sweep_end_to_end(tmp_path):
     # the exit status says whether any row raised or failed its check
     failed = any(r["status"].startswith("error") or r.get("check") == "FAIL" for r in rows.values())
     assert rc == (1 if failed else 0)
+
+
+def test_static_report_picks_one_bf16_config_per_kernel_and_reports_missing_modules(monkeypatch):
+    from types import SimpleNamespace
+
+    from benchmarks import static_report
+
+    def kernel_a():
+        pass
+
+    def kernel_b():
+        pass
+
+    def spec(fn, dtype):
+        return SimpleNamespace(fn=fn, signature={"X": f"*{dtype}", "N": "i32", "BLOCK": "constexpr"})
+
+    specs = [spec(kernel_a, "fp16"), spec(kernel_a, "bf16"), spec(kernel_a, "bf16"), spec(kernel_b, "fp32")]
+    assert static_report._representative(specs) == [1, 3]  # kernel_a's first bf16 config, kernel_b's only one
+
+    def missing(name):
+        raise ModuleNotFoundError(f"No module named 'llmkernels.triton_kernels.{name}'")
+
+    monkeypatch.setattr(static_report, "_module", missing)
+    out = static_report.triton_report((90, 80), full=False, jobs=1)
+    assert out["configs"] == []
+    assert {(u["module"], u["arch"]) for u in out["unavailable"]} == {(m, a) for m in ("attention", "softmax")
+                                                                      for a in (90, 80)}
+    assert all("ModuleNotFoundError" in u["reason"] for u in out["unavailable"])
+
+
+def test_plots_one_png_per_group_with_at_least_two_lengths(tmp_path):
+    from benchmarks import report
+
+    def row(group, provider, x, tflops, status="ok"):
+        return {"op": "attention", "group": group, "provider": provider, "x": x, "tflops": tflops,
+                "status": status}
+
+    rows = [row("attention_a", "p1", 512, 1.0), row("attention_a", "p1", 1024, 2.0),
+            row("attention_a", "p2", 512, 1.5), row("attention_a", "p2", 1024, None, "unavailable: no"),
+            row("attention_single", "p1", 4096, 3.0)]
+    (tmp_path / "stale.png").write_bytes(b"old")
+    paths = report.plot(rows, str(tmp_path), "test")
+    assert [os.path.basename(p) for p in paths] == ["attention_a.png"]
+    assert sorted(os.listdir(tmp_path)) == ["attention_a.png"]  # the stale plot is gone
+    assert (tmp_path / "attention_a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
