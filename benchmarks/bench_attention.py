@@ -6,7 +6,6 @@ against the float64 einsum reference; providers that cannot run here are skipped
 """
 
 import pytest
-import torch
 
 import llmkernels
 from benchmarks import workloads

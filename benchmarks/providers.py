@@ -57,7 +57,8 @@ def _import_error(module: str, path: str) -> Optional[str]:
     try:
         importlib.import_module(module)
     except Exception as exc:  # not written yet, or broken: either way the reason is worth printing
-        return f"{path} cannot be imported ({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''})"
+        text = str(exc).strip()
+        return f"{path} cannot be imported ({type(exc).__name__}: {text.splitlines()[0] if text else ''})"
     return None
 
 
