@@ -80,7 +80,13 @@ def _dropout_keep(seed, row_offsets, col_offsets, dropout_p):
     draw bit-identical patterns. ``tl.rand`` is uniform in [0, 1); keeping ``u >= p`` keeps with probability
     1 - p, the convention of the reference (``rand >= p``).
     """
-    return tl.rand(seed, row_offsets + col_offsets) >= dropout_p
+    offsets = row_offsets + col_offsets
+    # tl.rand(seed, offsets) spelled out: Philox on 32-bit counter words (low, high half of the 64-bit offset).
+    # Triton 3.8's tl.rand does exactly this for int64 offsets; older versions ran a 64-bit Philox instead, which
+    # costs twice the registers. Spelling it out pins one stream (and one cost) across Triton versions.
+    zero = tl.zeros(offsets.shape, tl.uint32)
+    bits, _, _, _ = tl.philox(seed, offsets.to(tl.uint32), (offsets >> 32).to(tl.uint32), zero, zero)
+    return tl.uint_to_uniform_float(bits) >= dropout_p
 
 
 @triton.jit
@@ -224,12 +230,15 @@ def _attn_fwd_kernel(Q, K, V, Mask, RngState, Out, Lse,
                                     philox_rows, dropout_p, DOT_PRECISION, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D,
                                     BLOCK_DV, HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, HAS_DROPOUT, True)
 
-    # Fully masked rows have l = 0 (and acc = 0): output 0 and lse -inf. A NaN l (NaN inputs) stays NaN.
-    inv_l = tl.where(l_i == 0.0, 0.0, 1.0 / l_i)
+    # Fully masked rows have l = 0 and acc = 0: dividing by 1 instead gives output 0; their lse is -inf.
+    # A NaN l (NaN inputs) is not 0, so it stays NaN.
+    fully_masked = l_i == 0.0
+    l_safe = tl.where(fully_masked, 1.0, l_i)
+    inv_l = 1.0 / l_safe
     if HAS_DROPOUT:
         inv_l = inv_l / (1.0 - dropout_p)
     out = acc * inv_l[:, None]
-    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_i)) * 0.6931471805599453)
+    lse = tl.where(fully_masked, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     o_ptrs = (Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
               + offs_m.to(tl.int64)[:, None] * stride_om + offs_dv[None, :] * stride_od)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
@@ -284,17 +293,21 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, dO_base, Lse2_base, Delta_base, m
                          IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, CHECK: tl.constexpr):
     """Accumulate one query head's query blocks [lo, hi) into dK, dV of a key block, in the transposed
     orientation (keys along axis 0): s^T = K Q^T, P^T, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q.
-    CHECK: the blocks on the causal diagonal or past the end of L need the per-element tests."""
+    CHECK: apply the causal rule and the row bound L (otherwise every query of [lo, hi) sees every key)."""
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q_ptrs = Q_base + tl.cast(lo, tl.int64) * stride_qm + offs_m0[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    do_ptrs = dO_base + tl.cast(lo, tl.int64) * stride_dom + offs_m0[:, None] * stride_dom + offs_dv[None, :] * stride_dod
-    mask_ptrs = mask_base + tl.cast(lo, tl.int64) * stride_mask_m + offs_m0[None, :] * stride_mask_m
+    # Loop-invariant 32-bit tile offsets plus a scalar 64-bit block start: half the registers of carrying
+    # 64-bit pointer tensors through the loop, which matters in this register-bound kernel.
+    q_offs = offs_m0[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    do_offs = offs_m0[:, None] * stride_dom + offs_dv[None, :] * stride_dod
+    mask_offs = offs_m0[None, :] * stride_mask_m
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
         row_ok = offs_m < L
-        q = _load_rows(q_ptrs, offs_m, L, offs_d, HEAD_DIM, BLOCK_D, CHECK)
+        start64 = tl.cast(start_m, tl.int64)
+        q = _load_rows(Q_base + start64 * stride_qm + q_offs, offs_m, L, offs_d, HEAD_DIM, BLOCK_D, CHECK)
+        mask_ptrs = mask_base + start64 * stride_mask_m + mask_offs
         if CHECK:
             # Rows past L: lse2 = +inf makes their weights 0 (and their q, dO are 0).
             lse2 = tl.load(Lse2_base + offs_m, mask=row_ok, other=float("inf"))
@@ -307,7 +320,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, dO_base, Lse2_base, Delta_base, m
         s_t = _masked_scores(s_t, mask_ptrs, row_ok[None, :], col_ok, offs_m[None, :], offs_n[:, None], HAS_MASK,
                              MASK_IS_BOOL, IS_CAUSAL, CHECK)
         p_t = tl.math.exp2(s_t - lse2[None, :])
-        do = _load_rows(do_ptrs, offs_m, L, offs_dv, HEAD_DIM_V, BLOCK_DV, CHECK)
+        do = _load_rows(dO_base + start64 * stride_dom + do_offs, offs_m, L, offs_dv, HEAD_DIM_V, BLOCK_DV, CHECK)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, philox_cols[:, None], (offs_m.to(tl.int64) * S)[None, :], dropout_p)
@@ -319,10 +332,6 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, dO_base, Lse2_base, Delta_base, m
         dv += tl.dot(p_dropped_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
-        q_ptrs += BLOCK_M * stride_qm
-        do_ptrs += BLOCK_M * stride_dom
-        if HAS_MASK:
-            mask_ptrs += BLOCK_M * stride_mask_m
     return dk, dv
 
 
@@ -337,7 +346,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, dO, Mask, RngState, Lse2, Delta, dK, dV,
                           HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, IS_CAUSAL: tl.constexpr,
                           HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                           DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          EVEN_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV of one key block of one kv head. GQA: the GROUP query heads that read this kv head are summed here,
     in registers, in a fixed order; K/V are never repeated in memory."""
     num_n_blocks = tl.cdiv(S, BLOCK_N)
@@ -364,16 +373,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, dO, Mask, RngState, Lse2, Delta, dK, dV,
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     qk_scale = scale * 1.4426950408889634
 
-    # Query blocks [0, m_lo) see none of these keys (causal). [m_lo, m_plain) straddle the diagonal; from
-    # m_plain on every query sees every key of the block, and [m_plain, m_in_bounds) also needs no row bound.
-    m_in_bounds = (L // BLOCK_M) * BLOCK_M
-    if IS_CAUSAL:
-        m_lo = (start_n // BLOCK_M) * BLOCK_M
-        m_plain = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, L)
-    else:
-        m_lo = 0
-        m_plain = 0
-    m_tail = tl.maximum(m_plain, m_in_bounds)
+    # Causal: query blocks before m_lo see none of these keys and are skipped.
+    m_lo = (start_n // BLOCK_M) * BLOCK_M if IS_CAUSAL else 0
 
     seed = 0
     philox_cols = offs_n.to(tl.int64)
@@ -393,21 +394,23 @@ def _attn_bwd_dkdv_kernel(Q, K, V, dO, Mask, RngState, Lse2, Delta, dK, dV,
         if HAS_DROPOUT:
             # Offset of (b, h, i, j) = base + ((b*Hq + h)*L + i)*S + j: the (b, h) and j parts here, i*S per block.
             philox_cols = tl.load(RngState + 1) + bh.to(tl.int64) * L * S + offs_n
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, dO_base, Lse2_base, Delta_base, mask_base, m_lo,
-                                      m_plain, offs_n, col_ok, L, S, stride_qm, stride_qd, stride_dom, stride_dod,
-                                      stride_mask_m, qk_scale, seed, philox_cols, dropout_p, DOT_PRECISION,
-                                      HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, HAS_MASK, MASK_IS_BOOL,
-                                      IS_CAUSAL, HAS_DROPOUT, True)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, dO_base, Lse2_base, Delta_base, mask_base, m_plain,
-                                      m_in_bounds, offs_n, col_ok, L, S, stride_qm, stride_qd, stride_dom,
-                                      stride_dod, stride_mask_m, qk_scale, seed, philox_cols, dropout_p,
-                                      DOT_PRECISION, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, HAS_MASK,
-                                      MASK_IS_BOOL, IS_CAUSAL, HAS_DROPOUT, False)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, dO_base, Lse2_base, Delta_base, mask_base, m_tail, L,
-                                      offs_n, col_ok, L, S, stride_qm, stride_qd, stride_dom, stride_dod,
-                                      stride_mask_m, qk_scale, seed, philox_cols, dropout_p, DOT_PRECISION,
-                                      HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, HAS_MASK, MASK_IS_BOOL,
-                                      IS_CAUSAL, HAS_DROPOUT, True)
+        # One loop over all query blocks, unlike the forward's split into a plain and a checked phase: this
+        # kernel is register-bound (dK, dV accumulators plus four dots per step), and three pipelined loops in
+        # the group loop cost ~50 more registers and spills at head dim 128 (static compile check), whereas the
+        # causal/bound tests cost a compare and a select per score. A non-causal call with L a multiple of
+        # BLOCK_M (EVEN_M) compiles without any test.
+        if IS_CAUSAL or not EVEN_M:
+            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, dO_base, Lse2_base, Delta_base, mask_base, m_lo,
+                                          L, offs_n, col_ok, L, S, stride_qm, stride_qd, stride_dom, stride_dod,
+                                          stride_mask_m, qk_scale, seed, philox_cols, dropout_p, DOT_PRECISION,
+                                          HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, HAS_MASK, MASK_IS_BOOL,
+                                          IS_CAUSAL, HAS_DROPOUT, True)
+        else:
+            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, dO_base, Lse2_base, Delta_base, mask_base, 0, L,
+                                          offs_n, col_ok, L, S, stride_qm, stride_qd, stride_dom, stride_dod,
+                                          stride_mask_m, qk_scale, seed, philox_cols, dropout_p, DOT_PRECISION,
+                                          HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, HAS_MASK, MASK_IS_BOOL,
+                                          IS_CAUSAL, HAS_DROPOUT, False)
 
     # dK, dV are contiguous (B, Hkv, S, D) outputs of our own; only rows < S and columns < head dim are written.
     b_kvh64 = b_kvh.to(tl.int64)
@@ -671,6 +674,9 @@ _TUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "HAS_MASK", "HAS_DROPOUT", "
 def _tuned(kernel_fn, kernel: str):
     """The kernel as launched: autotuned on a GPU, the plain jit function in the interpreter."""
     arch = _device_arch()
+    if kernel == "dkdv":
+        # EVEN_M (L a multiple of BLOCK_M) depends on the config the autotuner picks, so it is derived per config.
+        kernel_fn = triton.heuristics({"EVEN_M": lambda args: args["L"] % args["BLOCK_M"] == 0})(kernel_fn)
     if arch == 0:
         return kernel_fn
     # Every kernel writes (never accumulates into) its outputs, so the autotuner's repeated trial launches leave
@@ -799,3 +805,110 @@ def dropout_keep_mask(rng_state, B: int, Hq: int, L: int, S: int, dropout_p: flo
     grid = (triton.cdiv(L, block), triton.cdiv(S, block), B * Hq)
     _dropout_keep_mask_kernel[grid](rng, keep, L, S, float(dropout_p), BLOCK_M=block, BLOCK_N=block)
     return keep.bool()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Static compile checks (compile_check.py): every config the GPU autotuner can choose, per arch
+
+
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _spec(name, fn, args: dict, cfg, expect_mma: bool):
+    """A CompileSpec from the values a launch would pass, typed as the JIT would type them: a string value is a
+    pointer type, an int equal to 1 becomes the constant 1 (the JIT specialises it, which is what makes the
+    unit-stride loads vectorisable), other ints are i32 with the 16-divisibility hint when it holds, floats fp32,
+    and the keyword constexprs stay constexpr."""
+    from .compile_check import CompileSpec
+
+    signature, constexprs, attrs = {}, {}, {}
+    for index, param in enumerate(fn.params):
+        arg, value = param.name, args[param.name]
+        if param.is_constexpr:
+            signature[arg], constexprs[arg] = "constexpr", value
+        elif isinstance(value, str):
+            signature[arg] = value
+            attrs[(index,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
+        elif isinstance(value, int):
+            if value == 1:
+                signature[arg], constexprs[arg] = "constexpr", 1
+            else:
+                signature[arg] = "i32"
+                if value % 16 == 0:
+                    attrs[(index,)] = [["tt.divisibility", 16]]
+        else:
+            signature[arg] = "fp32"
+    return CompileSpec(name=name, fn=fn, signature=signature, constexprs=constexprs, num_warps=cfg.num_warps,
+                       num_stages=cfg.num_stages, expect_mma=expect_mma, attrs=attrs)
+
+
+# Shape the specs are compiled for: contiguous (B, H, L, D) tensors, L and S multiples of 16 (the JIT makes a
+# variant without the divisibility hints for other lengths; it has the same tiles and register budget).
+_SPEC_B, _SPEC_H, _SPEC_L = 2, 16, 4096
+
+# Flag combinations compiled for each config: the plain path (the fast path, no optional code) and the heaviest
+# one (causal + additive float mask + dropout, plus the mask gradient in dQ), which bounds register pressure.
+_FLAG_SETS = {
+    "plain": dict(IS_CAUSAL=False, HAS_MASK=False, MASK_IS_BOOL=False, HAS_DROPOUT=False),
+    "causal+fmask+dropout": dict(IS_CAUSAL=True, HAS_MASK=True, MASK_IS_BOOL=False, HAS_DROPOUT=True),
+    "causal": dict(IS_CAUSAL=True, HAS_MASK=False, MASK_IS_BOOL=False, HAS_DROPOUT=False),
+    "causal+fmask": dict(IS_CAUSAL=True, HAS_MASK=True, MASK_IS_BOOL=False, HAS_DROPOUT=False),
+}
+
+
+def _common_args(dtype, head_dim, flags):
+    dt = "*" + _TRITON_DTYPE[dtype]
+    B, H, L, D = _SPEC_B, _SPEC_H, _SPEC_L, head_dim
+    t_strides = (H * L * D, L * D, D, 1)
+    names = {}
+    for prefix in ("q", "k", "v", "o", "do"):
+        for suffix, value in zip(("b", "h", "m" if prefix in ("q", "o", "do") else "n", "d"), t_strides):
+            names[f"stride_{prefix}{suffix}"] = value
+    mask_strides = (0, 0, L, 1) if flags.get("HAS_MASK") else (0, 0, 0, 0)
+    for suffix, value in zip(("b", "h", "m", "n"), mask_strides):
+        names[f"stride_mask_{suffix}"] = value
+    names.update(Q=dt, K=dt, V=dt, Out=dt, dO=dt, dQ=dt, dK=dt, dV=dt,
+                 Mask="*fp32" if flags.get("HAS_MASK") else dt, RngState="*i64" if flags.get("HAS_DROPOUT") else "*fp32",
+                 Lse="*fp32", Lse2="*fp32", Delta="*fp32", dMask="*fp32" if flags.get("WRITE_DMASK") else dt,
+                 Hq=H, Hkv=H // 2, L=L, S=L, GROUP=2, scale=0.1, dropout_p=0.1, L_BUCKET=L, S_BUCKET=L,
+                 HEAD_DIM=D, HEAD_DIM_V=D, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                 BLOCK_D=D, BLOCK_DV=D, EVEN_M=L % 128 == 0, **flags)
+    return names
+
+
+_KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+
+
+def compile_specs(arch: int) -> list:
+    """Every (kernel, dtype, head-dim bucket, config) the autotuner can pick on sm_<arch>, each with the plain
+    and the heaviest flag set, plus the preprocess kernel. Head dims below 64 share the 64 bucket's configs and
+    are compiled at 64 (the largest tiles of that bucket); E != Ev picks the bucket of the larger one."""
+    specs = []
+    for kernel, fn in _KERNELS.items():
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            precision = _precision_class(dtype)
+            for bucket in (64, 128, 256):
+                for cfg in _configs_for(arch, kernel, precision, bucket):
+                    for flag_name, flags in _FLAG_SETS.items():
+                        flags = dict(flags)
+                        if kernel == "dq":
+                            flags["WRITE_DMASK"] = flags["HAS_MASK"]
+                        args = _common_args(dtype, bucket, flags)
+                        args.update(BLOCK_M=cfg.kwargs["BLOCK_M"], BLOCK_N=cfg.kwargs["BLOCK_N"])
+                        name = (f"attn_{kernel} {_TRITON_DTYPE[dtype]} d{bucket} {flag_name} "
+                                f"M{cfg.kwargs['BLOCK_M']} N{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} "
+                                f"s{cfg.num_stages}")
+                        specs.append(_spec(name, fn, args, cfg, expect_mma=dtype != torch.float32))
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for bucket in (64, 128, 256):
+            args = _common_args(dtype, bucket, dict(HAS_GRAD_LSE=True))
+            args.update(stride_glb=_SPEC_H * _SPEC_L, stride_glh=_SPEC_L, stride_glm=1, GradLse="*fp32",
+                        BLOCK_M=PREPROCESS_BLOCK_M)
+            specs.append(_spec(f"attn_bwd_preprocess {_TRITON_DTYPE[dtype]} d{bucket}", _attn_bwd_preprocess_kernel,
+                               args, triton.Config({}, num_warps=4, num_stages=1), expect_mma=False))
+    return specs
+
+
+def excluded_configs(arch: int) -> list:
+    """(config, reason) for the configs deliberately not offered on sm_<arch> (they spill or do not fit)."""
+    return [(desc, reason) for (a, desc, reason) in _EXCLUDED if _arch_family(arch) == a]

@@ -1,0 +1,314 @@
+"""Correctness of the Triton FlashAttention kernels (forward and backward), through the public API.
+
+Every case compares the output, the lse and every input gradient (q, k, v, a float mask, and a gradient that
+flows in through lse) with the float64 einsum reference, under the tolerance rule of tests/tolerance.py (at most
+twice the error of the same reference computed naively in the input dtype). Outputs are NaN-poisoned by the
+autouse fixture, so an element the kernels forget to write fails. On a machine without a GPU the kernels run in
+Triton's interpreter (16 x 16 tiles), so shapes are small but odd; on a GPU the same tests run the autotuned
+kernels.
+"""
+
+import math
+
+import pytest
+import torch
+
+import llmkernels
+from llmkernels import ops, reference
+from llmkernels.triton_kernels import attention as triton_attention
+from tolerance import assert_by_rule
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone().requires_grad_(True)
+
+
+def _make_mask(kind, shape, device, generator):
+    """A mask of the given broadcastable shape: bool (True = keep, about 80% kept) or float (N(0, 1) plus some
+    -inf entries), or None."""
+    if kind is None:
+        return None
+    keep = torch.rand(shape, generator=generator, device="cpu") < 0.8
+    if kind == "bool":
+        return keep.to(device)
+    values = torch.randn(shape, generator=generator, device="cpu")
+    return values.masked_fill(~keep, float("-inf")).to(device)
+
+
+def _grads(out, lse, inputs, grad_out, grad_lse):
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    grads = torch.autograd.grad([out, lse], wanted, [grad_out.to(out.dtype), grad_lse.to(lse.dtype)])
+    return list(grads)
+
+
+def check_against_reference(q, k, v, mask=None, *, is_causal=False, scale=None, enable_gqa=False, dropout_p=0.0,
+                            keep=None, grad_out=None, mask_grad=True, seed=0):
+    """Run ours (triton backend) and the references on the same leaves; assert the tolerance rule on everything.
+
+    q, k, v in the test dtype; ``mask`` a broadcastable bool/float mask (a float mask gets a gradient when
+    ``mask_grad``). With dropout, ``keep`` is a callable rng_state -> keep mask, given the state our op drew.
+    """
+    dtype = q.dtype
+    gen = torch.Generator().manual_seed(seed + 1)
+    float_mask = mask is not None and mask.dtype != torch.bool
+    mask_leaf = mask_grad and float_mask
+
+    ours_in = [_leaf(q), _leaf(k), _leaf(v), _leaf(mask) if mask_leaf else mask]
+    drawn = {}
+    original = ops._new_rng_state
+
+    def capture(device):
+        drawn["state"] = original(device)
+        return drawn["state"]
+
+    ops._new_rng_state = capture
+    try:
+        out, lse = llmkernels.scaled_dot_product_attention(*ours_in, dropout_p=dropout_p, is_causal=is_causal,
+                                                           scale=scale, enable_gqa=enable_gqa, return_lse=True,
+                                                           backend="triton")
+    finally:
+        ops._new_rng_state = original
+    dropout_mask = None
+    if dropout_p > 0.0:
+        dropout_mask = keep(drawn["state"])
+    if grad_out is None:
+        grad_out = torch.randn(out.shape, generator=gen).to(q.device)
+    grad_lse = torch.randn(lse.shape, generator=gen).to(q.device)
+    ours_grads = _grads(out, lse, ours_in, grad_out, grad_lse)
+
+    def run_reference(cast, compute_dtype):
+        ins = [_leaf(t.to(cast)) for t in (q, k, v)] + [
+            (_leaf(mask.to(torch.float64 if cast == torch.float64 else mask.dtype)) if mask_leaf else mask)]
+        o, l = reference.scaled_dot_product_attention(*ins, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                                                      enable_gqa=enable_gqa, return_lse=True,
+                                                      dropout_mask=dropout_mask, compute_dtype=compute_dtype)
+        # Rows whose lse is -inf give -inf * grad_lse terms in no loss here: gradients are taken directly.
+        return o, l, _grads(o, l, ins, grad_out, grad_lse)
+
+    ref_out, ref_lse, ref_grads = run_reference(torch.float64, torch.float64)
+    naive_out, naive_lse, naive_grads = run_reference(dtype, None)
+
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert_by_rule("out", out, ref_out, naive_out, dtype)
+    assert_by_rule("lse", lse, ref_lse, naive_lse, dtype)
+    names = ["dq", "dk", "dv", "dmask"]
+    for name, ours_g, ref_g, naive_g in zip(names, ours_grads, ref_grads, naive_grads):
+        assert ours_g.dtype == (dtype if name != "dmask" else mask.dtype)
+        assert_by_rule(name, ours_g, ref_g, naive_g, dtype)
+    return out, lse, ours_grads
+
+
+def _inputs(B, Hq, Hkv, L, S, E, Ev, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, L, E, generator=gen).to(device=device, dtype=dtype)
+    k = torch.randn(B, Hkv, S, E, generator=gen).to(device=device, dtype=dtype)
+    v = torch.randn(B, Hkv, S, Ev, generator=gen).to(device=device, dtype=dtype)
+    return q, k, v
+
+
+# (B, Hq, L, S, E, Ev, dtype, mask kind, mask shape, causal, scale)
+CASES = [
+    (1, 2, 1, 1, 16, 16, "fp32", None, None, False, None),
+    (1, 1, 1, 1, 1, 1, "fp16", None, None, True, None),
+    (1, 2, 17, 17, 32, 32, "fp16", None, None, True, None),
+    (1, 1, 128, 129, 64, 64, "bf16", None, None, False, None),
+    (1, 1, 129, 128, 72, 72, "fp16", "float", "LS", False, None),
+    (1, 2, 300, 17, 80, 80, "fp32", "bool", "B1LS", True, None),
+    (1, 2, 17, 300, 96, 96, "bf16", "float", "1H1S", True, None),
+    (2, 1, 33, 47, 40, 24, "bf16", "float", "B1LS", True, 0.3),
+    (1, 1, 20, 33, 160, 192, "fp16", "bool", "LS", False, 1.7),
+    (1, 1, 17, 18, 256, 256, "fp32", "float", "LS", True, None),
+    (1, 2, 65, 31, 8, 48, "fp32", None, None, True, 0.05),
+]
+
+
+def _mask_shape(code, B, H, L, S):
+    return {"LS": (L, S), "B1LS": (B, 1, L, S), "1H1S": (1, H, 1, S)}[code]
+
+
+@pytest.mark.parametrize("B,H,L,S,E,Ev,dt,mask_kind,mask_shape,causal,scale", CASES,
+                         ids=[f"B{c[0]}H{c[1]}L{c[2]}S{c[3]}E{c[4]}Ev{c[5]}-{c[6]}-{c[7]}{c[8] or ''}"
+                              f"{'-causal' if c[9] else ''}{'-scale' if c[10] else ''}" for c in CASES])
+def test_matches_reference(device, B, H, L, S, E, Ev, dt, mask_kind, mask_shape, causal, scale):
+    dtype = DTYPES[dt]
+    q, k, v = _inputs(B, H, H, L, S, E, Ev, dtype, device)
+    gen = torch.Generator().manual_seed(7)
+    mask = _make_mask(mask_kind, _mask_shape(mask_shape, B, H, L, S), device, gen) if mask_kind else None
+    check_against_reference(q, k, v, mask, is_causal=causal, scale=scale)
+
+
+@pytest.mark.parametrize("Hq,Hkv,dt,mask_kind,causal", [
+    (4, 2, "fp16", None, True),
+    (6, 1, "fp32", "float", False),
+    (8, 2, "bf16", "bool", True),
+])
+def test_grouped_query_attention(device, Hq, Hkv, dt, mask_kind, causal):
+    dtype = DTYPES[dt]
+    B, L, S, E = 2, 37, 29, 24
+    q, k, v = _inputs(B, Hq, Hkv, L, S, E, E, dtype, device, seed=3)
+    mask = _make_mask(mask_kind, (B, Hq, L, S), device, torch.Generator().manual_seed(5))
+    check_against_reference(q, k, v, mask, is_causal=causal, enable_gqa=True)
+
+
+def test_fully_masked_rows(device):
+    """Rows with every key masked give output 0, lse -inf and zero gradients (no NaN), for a bool mask, a float
+    mask of -inf, and a causal mask combined with a mask that hides the diagonal."""
+    B, H, L, S, E = 1, 2, 23, 19, 16
+    q, k, v = _inputs(B, H, H, L, S, E, E, torch.float16, device, seed=11)
+    keep = torch.rand(B, H, L, S, generator=torch.Generator().manual_seed(2)) < 0.7
+    dead_rows = [0, 5, 22]
+    keep[:, :, dead_rows] = False
+    out, lse, grads = check_against_reference(q, k, v, keep.to(device))
+    assert (out[:, :, dead_rows] == 0).all() and torch.isneginf(lse[:, :, dead_rows]).all()
+    assert (grads[0][:, :, dead_rows] == 0).all()
+    assert all(torch.isfinite(g).all() for g in grads)
+
+    additive = torch.zeros(L, S).masked_fill(~keep[0, 0], float("-inf")).to(device)
+    out, lse, grads = check_against_reference(q.float(), k.float(), v.float(), additive)
+    assert (out[:, :, dead_rows] == 0).all() and torch.isneginf(lse[:, :, dead_rows]).all()
+    assert all(torch.isfinite(g).all() for g in grads)
+
+    # Causal row 0 sees only key 0; hide key 0 and it sees nothing.
+    hide_first_key = torch.ones(L, S, dtype=torch.bool)
+    hide_first_key[:, 0] = False
+    out, lse, grads = check_against_reference(q, k, v, hide_first_key.to(device), is_causal=True)
+    assert (out[:, :, 0] == 0).all() and torch.isneginf(lse[:, :, 0]).all()
+    assert torch.isfinite(lse[:, :, 1:]).all()
+
+
+def _keep_fn(B, Hq, L, S, p, device):
+    return lambda state: triton_attention.dropout_keep_mask(state, B, Hq, L, S, p, device)
+
+
+@pytest.mark.parametrize("dt,Hq,Hkv,mask_kind,causal", [
+    ("fp32", 2, 2, None, False),
+    ("bf16", 4, 2, "float", True),
+    ("fp16", 3, 1, "bool", False),
+])
+def test_dropout_exact(device, dt, Hq, Hkv, mask_kind, causal):
+    """With the keep pattern the kernels draw (regenerated by dropout_keep_mask from the op's rng_state), the
+    output, lse and every gradient match the reference given that pattern."""
+    dtype = DTYPES[dt]
+    B, L, S, E, p = 2, 33, 41, 32, 0.3
+    q, k, v = _inputs(B, Hq, Hkv, L, S, E, E, dtype, device, seed=21)
+    mask = _make_mask(mask_kind, (L, S), device, torch.Generator().manual_seed(8))
+    check_against_reference(q, k, v, mask, is_causal=causal, enable_gqa=Hq != Hkv, dropout_p=p,
+                            keep=_keep_fn(B, Hq, L, S, p, device))
+
+
+def test_dropout_keep_rate_and_streams(device):
+    """The keep rate is 1 - p within 5 standard deviations; different (batch, head) slices and different seeds
+    draw different patterns; the same state draws the same pattern."""
+    B, H, L, S, p = 2, 3, 67, 129, 0.2
+    state = torch.tensor([12345, 678], dtype=torch.int64, device=device)
+    keep = triton_attention.dropout_keep_mask(state, B, H, L, S, p, device)
+    n = keep.numel()
+    rate = keep.float().mean().item()
+    assert abs(rate - (1 - p)) <= 5 * math.sqrt(p * (1 - p) / n), f"keep rate {rate} for p={p} over {n} draws"
+    assert keep.shape == (B, H, L, S) and keep.dtype == torch.bool
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
+    assert torch.equal(keep, triton_attention.dropout_keep_mask(state, B, H, L, S, p, device))
+    other = torch.tensor([12346, 678], dtype=torch.int64, device=device)
+    assert not torch.equal(keep, triton_attention.dropout_keep_mask(other, B, H, L, S, p, device))
+    # The offset shifts the stream: offset + S reads row i + 1's draws in row i.
+    shifted = torch.tensor([12345, 678 + S], dtype=torch.int64, device=device)
+    assert torch.equal(triton_attention.dropout_keep_mask(shifted, B, H, L, S, p, device)[0, 0, :-1],
+                       keep[0, 0, 1:])
+
+
+def test_transposed_layout_runs_without_copy(device, monkeypatch):
+    """The (B, L, H, E) layout passed as .transpose(1, 2) views reaches the kernels as those very views (same
+    storage, same strides), and a strided grad_out reaches the backward as is; results still match."""
+    B, L, S, H, E, Ev = 2, 19, 26, 3, 24, 40
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(B, L, H, E, generator=gen).to(device=device, dtype=torch.float16).transpose(1, 2)
+    k = torch.randn(B, S, H, E, generator=gen).to(device=device, dtype=torch.float16).transpose(1, 2)
+    v = torch.randn(B, S, H, Ev, generator=gen).to(device=device, dtype=torch.float16).transpose(1, 2)
+    grad_out = torch.randn(B, L, H, Ev, generator=gen).to(device).transpose(1, 2)
+    seen = {}
+    forward, backward = triton_attention.attention_forward, triton_attention.attention_backward
+
+    def spy_forward(q_, k_, v_, *rest):
+        seen["forward"] = [(t.data_ptr(), t.stride()) for t in (q_, k_, v_)]
+        return forward(q_, k_, v_, *rest)
+
+    def spy_backward(grad_out_, q_, k_, v_, *rest):
+        seen["backward"] = [(t.data_ptr(), t.stride()) for t in (q_, k_, v_)]
+        seen["grad_out_strides"] = grad_out_.stride()
+        return backward(grad_out_, q_, k_, v_, *rest)
+
+    monkeypatch.setattr(triton_attention, "attention_forward", spy_forward)
+    monkeypatch.setattr(triton_attention, "attention_backward", spy_backward)
+    check_against_reference(q, k, v, is_causal=True, grad_out=grad_out)
+    expected = [(t.data_ptr(), t.stride()) for t in (q, k, v)]
+    assert seen["forward"] == expected and seen["backward"] == expected
+    assert not q.is_contiguous()
+    assert seen["grad_out_strides"] != (H * L * Ev, L * Ev, Ev, 1), "grad_out was made contiguous"
+
+
+def test_strided_and_broadcast_inputs(device):
+    """Last-dim stride 2, a batch-broadcast K/V (stride 0) and a sliced mask: read through their strides."""
+    gen = torch.Generator().manual_seed(9)
+    B, H, L, S, E = 2, 2, 21, 30, 16
+    q = torch.randn(B, H, L, 2 * E, generator=gen).to(device)[..., ::2]
+    k = torch.randn(1, H, S, E, generator=gen).to(device)
+    v = torch.randn(1, H, S + 5, E, generator=gen).to(device)[:, :, 5:]
+    mask = torch.randn(L, 2 * S, generator=gen).to(device)[:, 1::2]
+    assert q.stride(-1) == 2 and mask.stride(-1) == 2
+    check_against_reference(q, k, v, mask, is_causal=False)
+
+
+def test_nan_propagates(device):
+    """A NaN in q poisons its own output row only; a NaN in k poisons every row that can see that key."""
+    B, H, L, S, E = 1, 1, 20, 20, 16
+    q, k, v = _inputs(B, H, H, L, S, E, E, torch.float32, device, seed=13)
+    q[0, 0, 3, 5] = float("nan")
+    out = llmkernels.scaled_dot_product_attention(q, k, v, backend="triton")
+    assert torch.isnan(out[0, 0, 3]).all()
+    assert torch.isfinite(out[0, 0, torch.arange(L) != 3]).all()
+    q, k, v = _inputs(B, H, H, L, S, E, E, torch.float32, device, seed=13)
+    k[0, 0, 7, 0] = float("nan")
+    out, lse = llmkernels.scaled_dot_product_attention(q, k, v, is_causal=True, backend="triton", return_lse=True)
+    assert torch.isfinite(out[0, 0, :7]).all() and torch.isnan(out[0, 0, 7:]).all()
+    assert torch.isnan(lse[0, 0, 7:]).all()
+
+
+def test_backward_is_deterministic(device):
+    """Separate dK/dV and dQ passes, no atomics: two backward runs agree bit for bit (GQA, mask, causal)."""
+    B, Hq, Hkv, L, S, E = 1, 4, 2, 45, 38, 32
+    q, k, v = _inputs(B, Hq, Hkv, L, S, E, E, torch.float16, device, seed=17)
+    mask = _make_mask("float", (L, S), device, torch.Generator().manual_seed(1))
+    grad_out = torch.randn(B, Hq, L, E, generator=torch.Generator().manual_seed(2)).to(device, torch.float16)
+    results = []
+    for _ in range(2):
+        leaves = [_leaf(q), _leaf(k), _leaf(v), _leaf(mask)]
+        out = llmkernels.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=True, backend="triton")
+        results.append(torch.autograd.grad(out, leaves, grad_out))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_lse_only_gradient(device):
+    """A loss through lse alone: the output's gradient is zero and delta is -grad_lse."""
+    B, H, L, S, E = 1, 2, 18, 25, 16
+    q, k, v = _inputs(B, H, H, L, S, E, E, torch.float32, device, seed=19)
+    leaves = [_leaf(t) for t in (q, k, v)]
+    _, lse = llmkernels.scaled_dot_product_attention(*leaves, backend="triton", return_lse=True)
+    grads = torch.autograd.grad(lse.sum(), leaves)
+    ref = [_leaf(t.double()) for t in (q, k, v)]
+    _, ref_lse = reference.scaled_dot_product_attention(*ref, return_lse=True, compute_dtype=torch.float64)
+    ref_grads = torch.autograd.grad(ref_lse.sum(), ref)
+    naive = [_leaf(t) for t in (q, k, v)]
+    _, naive_lse = reference.scaled_dot_product_attention(*naive, return_lse=True)
+    naive_grads = torch.autograd.grad(naive_lse.sum(), naive)
+    for name, a, r, n in zip(("dq", "dk", "dv"), grads, ref_grads, naive_grads):
+        assert_by_rule(name, a, r, n, torch.float32)
+    assert (grads[2] == 0).all()
+
+
+def test_dropout_needs_rng_state(device):
+    q, k, v = _inputs(1, 1, 1, 4, 4, 16, 16, torch.float32, device)
+    with pytest.raises(ValueError, match="rng_state"):
+        triton_attention.attention_forward(q, k, v, None, 0.5, False, 0.25, None)
