@@ -151,8 +151,9 @@ def plan_rows(n: int, n_rows: int, device: torch.device) -> RowPlan:
     if n <= on_chip_max_n():
         block_n = max(MIN_BLOCK_N, triton.next_power_of_2(n))
         if triton_interpreting():
-            # One small config: the interpreter's cost is per operation, so keep tiles modest and few rows.
-            return RowPlan(True, block_n, max(1, min(4, 256 // block_n)), 4)
+            # The interpreter's cost is per program and per operation, hardly per element: several rows per
+            # program (about 4k elements) keeps the tests fast and still leaves a partial last program.
+            return RowPlan(True, block_n, max(1, min(64, 4096 // block_n)), 4)
         rows, warps, maxnreg = ON_CHIP_TABLES[_arch(device)][block_n]
         return RowPlan(True, block_n, rows, warps, maxnreg)
     block_n = _long_block_n()
@@ -502,6 +503,16 @@ _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32",
 _RUNTIME_FLAGS = ("is_causal", "mask_kind", "phase")  # do_not_specialize: plain i32 whatever the value
 
 
+def _params(fn) -> list:
+    """(name, is_constexpr) of a kernel's parameters, from the Python function (so that the specs can also be
+    listed where Triton's interpreter has replaced the JITFunction, e.g. in the test session)."""
+    import inspect
+
+    python_fn = getattr(fn, "fn", fn)
+    return [(p.name, p.annotation in (tl.constexpr, "tl.constexpr"))
+            for p in inspect.signature(python_fn).parameters.values()]
+
+
 def _spec(name: str, fn, args: dict, num_warps: int, maxnreg: Optional[int]) -> CompileSpec:
     """A CompileSpec typed as Triton's launcher types the launch with these argument values.
 
@@ -510,9 +521,9 @@ def _spec(name: str, fn, args: dict, num_warps: int, maxnreg: Optional[int]) -> 
     divisibility-16 hint when it holds, except the do_not_specialize flags; floats are fp32.
     """
     signature, constexprs, attrs = {}, {}, {}
-    for index, param in enumerate(fn.params):
-        arg, value = param.name, args[param.name]
-        if param.is_constexpr:
+    for index, (arg, is_constexpr) in enumerate(_params(fn)):
+        value = args[arg]
+        if is_constexpr:
             signature[arg], constexprs[arg] = "constexpr", value
         elif isinstance(value, str):
             signature[arg] = value
