@@ -10,10 +10,15 @@ from setuptools import setup
 def cuda_extension_kwargs() -> dict:
     if os.environ.get("LLMKERNELS_BUILD_CUDA", "0") != "1":
         return {}
-    # Imported only when asked: torch is needed to build the extension, not to install the package.
-    from llmkernels_build import cuda_build_kwargs  # noqa: PLC0415
+    # llmkernels/cuda_build.py holds the sources and flags shared with the just-in-time build; it is loaded by
+    # path so that the package (which imports torch and triton) need not be importable while it is being built.
+    import importlib.util  # noqa: PLC0415
 
-    return cuda_build_kwargs()
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llmkernels", "cuda_build.py")
+    spec = importlib.util.spec_from_file_location("llmkernels_cuda_build", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.cuda_build_kwargs()
 
 
 setup(**cuda_extension_kwargs())

@@ -1,0 +1,316 @@
+// Attention backward, FlashAttention-2 structure: one block per (batch, key/value head, BN keys). The K and V
+// tiles stay in shared memory; the block walks over every query head of its GQA group and every tile of BM query
+// rows, recomputes P = exp2(S - lse) from the saved log-sum-exp, and
+//   dV += Pd^T dO          (Pd: P with dropout applied and scaled by 1/(1-p))
+//   dP  = (dO V^T) * keep / (1-p)
+//   dS  = P * (dP - delta)   (delta = rowsum(dO * O) - grad_lse, from the delta kernel below)
+//   dK += scale * dS^T Q,  dQ += scale * dS K  (dQ through fp32 atomics: other blocks own other keys)
+// dK and dV accumulate in fp32 shared memory, each element owned by one thread (no races, no atomics), and the
+// GQA sum over query heads happens in the same accumulators. When the float mask needs a gradient, dS is
+// written out as dmask; every (row, key) pair of the block's keys is then visited so every element is written.
+#include "llmk_device.cuh"
+
+namespace llmk {
+
+// BM = BN query rows / keys per tile, BN / 16 warps. Shared memory: K, V, Q, dO tiles (D + pad columns), the P
+// and dS tiles, and the fp32 dK, dV accumulators (BN x D each); every config stays under sm_80's 163 KB.
+template <typename T, int D>
+struct BwdTile;
+template <typename T>
+struct BwdTile<T, 64> { static constexpr int BN = 64; };
+template <typename T>
+struct BwdTile<T, 128> { static constexpr int BN = 32; };
+template <typename T>
+struct BwdTile<T, 256> { static constexpr int BN = 32; };
+template <>
+struct BwdTile<float, 64> { static constexpr int BN = 32; };
+template <>
+struct BwdTile<float, 256> { static constexpr int BN = 16; };
+
+template <typename T, int D>
+struct BwdLayout {
+  static constexpr int BN = BwdTile<T, D>::BN, BM = BN;
+  static constexpr int PAD = Vec<T>::N;
+  static constexpr int LD = D + PAD, LDP = BN + PAD;
+  static constexpr int THREADS = BN / 16 * 32;
+  static constexpr int SMEM = (2 * BN * LD + 2 * BM * LD + 2 * BM * LDP) * static_cast<int>(sizeof(T)) +
+                              2 * BN * D * static_cast<int>(sizeof(float));
+};
+
+// The output columns of the dV / dK / dQ products are done in chunks of CH columns to bound the registers.
+constexpr int CH = 64;
+
+template <typename T, int D>
+__global__ void __launch_bounds__(BwdLayout<T, D>::THREADS, 1)
+attn_bwd_kernel(const AttnBwdParams p) {
+  using Lay = BwdLayout<T, D>;
+  constexpr int BM = Lay::BM, BN = Lay::BN, LD = Lay::LD, LDP = Lay::LDP, THREADS = Lay::THREADS;
+  constexpr int NT_S = BN / 8, NT_C = CH / 8;
+  static_assert(D % CH == 0, "the head-dim bucket must be a multiple of the column chunk");
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* acc_dk = reinterpret_cast<float*>(smem_raw);  // BN x D
+  float* acc_dv = acc_dk + BN * D;                      // BN x D
+  T* sK = reinterpret_cast<T*>(acc_dv + BN * D);
+  T* sV = sK + BN * LD;
+  T* sQ = sV + BN * LD;
+  T* sdO = sQ + BM * LD;
+  T* sP = sdO + BM * LD;  // Pd (dropout applied), BM x BN
+  T* sdS = sP + BM * LDP;  // dS, BM x BN
+
+  const AttnShape n = p.n;
+  const int num_n_blocks = (n.S + BN - 1) / BN;
+  const int64_t bid = blockIdx.x;
+  const int nb = static_cast<int>(bid % num_n_blocks);
+  const int hk = static_cast<int>((bid / num_n_blocks) % n.Hkv);
+  const int b = static_cast<int>(bid / num_n_blocks / n.Hkv);
+  const int group = n.Hq / n.Hkv;
+  const int n0 = nb * BN;
+  const int n_rows = min(BN, n.S - n0);
+  const int warp = threadIdx.x >> 5;
+  const int E16 = round_up(n.E, 16), Ev16 = round_up(n.Ev, 16);
+
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  const T* dout = static_cast<const T*>(p.dout);
+
+  load_tile<T, BN, D, THREADS>(sK, LD, k + b * p.k_stride[0] + hk * p.k_stride[1] + n0 * p.k_stride[2],
+                               p.k_stride[2], p.k_stride[3], n_rows, n.E, p.k_vec);
+  load_tile<T, BN, D, THREADS>(sV, LD, v + b * p.v_stride[0] + hk * p.v_stride[1] + n0 * p.v_stride[2],
+                               p.v_stride[2], p.v_stride[3], n_rows, n.Ev, p.v_vec);
+  for (int idx = threadIdx.x; idx < 2 * BN * D; idx += THREADS) acc_dk[idx] = 0.f;  // acc_dv follows acc_dk
+
+  uint64_t seed = 0, offset = 0;
+  if (p.dropout_p > 0.f) {
+    seed = static_cast<uint64_t>(p.rng[0]);
+    offset = static_cast<uint64_t>(p.rng[1]);
+  }
+  // Causal: query rows i < n0 see none of this block's keys, so query tiles ending before n0 are skipped, unless
+  // dS must be written for every element.
+  const int m_begin = (p.causal && p.dmask == nullptr) ? (n0 / BM) * BM : 0;
+
+  for (int h = hk * group; h < (hk + 1) * group; ++h) {
+    const int64_t row_base = (static_cast<int64_t>(b) * n.Hq + h) * n.L;
+    const int64_t mask_head = b * p.mask_stride[0] + h * p.mask_stride[1];
+    const T* q_head = q + b * p.q_stride[0] + h * p.q_stride[1];
+    const T* do_head = dout + b * p.dout_stride[0] + h * p.dout_stride[1];
+    const float* lse_head = p.lse + b * p.lse_stride[0] + h * p.lse_stride[1];
+
+    for (int m0 = m_begin; m0 < n.L; m0 += BM) {
+      __syncthreads();  // every warp is done with the previous Q, dO, P and dS tiles
+      const int m_rows = min(BM, n.L - m0);
+      load_tile<T, BM, D, THREADS>(sQ, LD, q_head + m0 * p.q_stride[2], p.q_stride[2], p.q_stride[3], m_rows, n.E,
+                                   p.q_vec);
+      load_tile<T, BM, D, THREADS>(sdO, LD, do_head + m0 * p.dout_stride[2], p.dout_stride[2], p.dout_stride[3],
+                                   m_rows, n.Ev, p.dout_vec);
+      __syncthreads();
+
+      // Warp w: query rows m0 + 16 w .. + 16 against all BN keys.
+      float s[NT_S][4], dp[NT_S][4];
+#pragma unroll
+      for (int nt = 0; nt < NT_S; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.f;
+      WarpGemm<T, NT_S>::run(s, sQ + warp * 16 * LD, LD, 1, sK, 1, LD, E16);     // Q K^T
+      WarpGemm<T, NT_S>::run(dp, sdO + warp * 16 * LD, LD, 1, sV, 1, LD, Ev16);  // dO V^T
+
+      float lse2[2], delta[2];
+      int row_i[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        row_i[r] = m0 + warp * 16 + acc_row(2 * r);
+        const bool valid = row_i[r] < n.L;
+        lse2[r] = valid ? lse_head[row_i[r] * p.lse_stride[2]] * kLog2e : -INFINITY;
+        delta[r] = valid ? p.delta[row_base + row_i[r]] : 0.f;
+      }
+#pragma unroll
+      for (int nt = 0; nt < NT_S; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = e >> 1;
+          const int i = row_i[r];
+          const int j = n0 + nt * 8 + acc_col(e);
+          const bool visible = i < n.L && j < n.S && (!p.causal || j <= i);
+          float t = s[nt][e] * p.scale_log2;
+          if (visible && p.mask_kind != MASK_NONE) {
+            t = apply_mask_log2(t, mask_value(p.mask, p.mask_kind, mask_head + i * p.mask_stride[2] +
+                                                                      j * p.mask_stride[3]));
+          }
+          // lse = -inf marks a row with nothing visible: P = 0 there (exp2(-inf + inf) would be NaN).
+          const float pe = (visible && lse2[r] != -INFINITY) ? exp2f(t - lse2[r]) : 0.f;
+          bool keep = true;
+          if (p.dropout_p > 0.f && visible) {
+            keep = dropout_keep(seed, offset, static_cast<uint64_t>((row_base + i) * n.S + j), p.dropout_p);
+          }
+          const float pd = keep ? pe * p.keep_scale : 0.f;
+          const float dpe = keep ? dp[nt][e] * p.keep_scale : 0.f;
+          const float ds = pe * (dpe - delta[r]);
+          const int sr = warp * 16 + acc_row(e), sc = nt * 8 + acc_col(e);
+          sP[sr * LDP + sc] = Num<T>::from_f(pd);
+          sdS[sr * LDP + sc] = Num<T>::from_f(ds);
+          if (p.dmask != nullptr && i < n.L && j < n.S) p.dmask[(row_base + i) * n.S + j] = ds;
+        }
+      }
+      __syncthreads();  // P and dS tiles complete: the products below read other warps' rows
+
+      // Warp w owns keys n0 + 16 w .. + 16 for dV and dK: A(jr, i) = sP[i][jr] (transposed read).
+      for (int c0 = 0; c0 < Ev16 && c0 < D; c0 += CH) {
+        float acc[NT_C][4];
+#pragma unroll
+        for (int nt = 0; nt < NT_C; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[nt][e] = acc_dv[(warp * 16 + acc_row(e)) * D + c0 + nt * 8 + acc_col(e)];
+        WarpGemm<T, NT_C>::run(acc, sP + warp * 16, 1, LDP, sdO + c0, LD, 1, BM);
+#pragma unroll
+        for (int nt = 0; nt < NT_C; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc_dv[(warp * 16 + acc_row(e)) * D + c0 + nt * 8 + acc_col(e)] = acc[nt][e];
+      }
+      for (int c0 = 0; c0 < E16 && c0 < D; c0 += CH) {
+        float acc[NT_C][4];
+#pragma unroll
+        for (int nt = 0; nt < NT_C; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[nt][e] = acc_dk[(warp * 16 + acc_row(e)) * D + c0 + nt * 8 + acc_col(e)];
+        WarpGemm<T, NT_C>::run(acc, sdS + warp * 16, 1, LDP, sQ + c0, LD, 1, BM);
+#pragma unroll
+        for (int nt = 0; nt < NT_C; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc_dk[(warp * 16 + acc_row(e)) * D + c0 + nt * 8 + acc_col(e)] = acc[nt][e];
+      }
+      // Warp w owns query rows m0 + 16 w .. + 16 for dQ: A(i, j) = sdS[i][j], B(j, d) = sK[j][d].
+      for (int c0 = 0; c0 < E16 && c0 < D; c0 += CH) {
+        float acc[NT_C][4];
+#pragma unroll
+        for (int nt = 0; nt < NT_C; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+        WarpGemm<T, NT_C>::run(acc, sdS + warp * 16 * LDP, LDP, 1, sK + c0, LD, 1, BN);
+#pragma unroll
+        for (int nt = 0; nt < NT_C; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = m0 + warp * 16 + acc_row(e);
+            const int d = c0 + nt * 8 + acc_col(e);
+            if (i < n.L && d < n.E) atomicAdd(p.dq_acc + (row_base + i) * n.E + d, acc[nt][e] * p.scale);
+          }
+        }
+      }
+    }
+  }
+
+  __syncthreads();
+  // dK = scale * dS^T Q, dV = Pd^T dO: rows j < S of this block, contiguous (B, Hkv, S, E / Ev) outputs.
+  T* dk = static_cast<T*>(p.dk) + ((static_cast<int64_t>(b) * n.Hkv + hk) * n.S + n0) * n.E;
+  T* dv = static_cast<T*>(p.dv) + ((static_cast<int64_t>(b) * n.Hkv + hk) * n.S + n0) * n.Ev;
+  for (int idx = threadIdx.x; idx < BN * D; idx += THREADS) {
+    const int r = idx / D, c = idx % D;
+    if (r >= n_rows) continue;
+    if (c < n.E) dk[static_cast<int64_t>(r) * n.E + c] = Num<T>::from_f(acc_dk[idx] * p.scale);
+    if (c < n.Ev) dv[static_cast<int64_t>(r) * n.Ev + c] = Num<T>::from_f(acc_dv[idx]);
+  }
+}
+
+// delta[row] = sum_d dO[row, d] * O[row, d] - grad_lse[row]; one warp per (b, h, i) row.
+template <typename T>
+__global__ void attn_bwd_delta_kernel(const AttnDeltaParams p) {
+  const int64_t rows = static_cast<int64_t>(p.B) * p.H * p.L;
+  const int lane = threadIdx.x & 31;
+  const int64_t warps_per_grid = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
+  for (int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x >> 5) + (threadIdx.x >> 5); row < rows;
+       row += warps_per_grid) {
+    const int64_t i = row % p.L, h = (row / p.L) % p.H, b = row / p.L / p.H;
+    const T* dout = static_cast<const T*>(p.dout) + b * p.dout_stride[0] + h * p.dout_stride[1] + i * p.dout_stride[2];
+    const T* out = static_cast<const T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + i * p.out_stride[2];
+    float acc = 0.f;
+    for (int d = lane; d < p.Ev; d += 32) {
+      acc += Num<T>::to_f(dout[d * p.dout_stride[3]]) * Num<T>::to_f(out[d * p.out_stride[3]]);
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) {
+      if (p.grad_lse != nullptr) {
+        acc -= p.grad_lse[b * p.grad_lse_stride[0] + h * p.grad_lse_stride[1] + i * p.grad_lse_stride[2]];
+      }
+      p.delta[row] = acc;
+    }
+  }
+}
+
+template <typename T, int D>
+static cudaError_t launch_bwd(const AttnBwdParams& p, cudaStream_t stream) {
+  using Lay = BwdLayout<T, D>;
+  const int64_t blocks = static_cast<int64_t>((p.n.S + Lay::BN - 1) / Lay::BN) * p.n.Hkv * p.n.B;
+  if (blocks == 0) return cudaSuccess;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  cudaError_t err = cudaFuncSetAttribute(attn_bwd_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         Lay::SMEM);
+  if (err != cudaSuccess) return err;
+  attn_bwd_kernel<T, D><<<static_cast<unsigned>(blocks), Lay::THREADS, Lay::SMEM, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+static cudaError_t launch_bwd_bucket(const AttnBwdParams& p, cudaStream_t stream) {
+  switch (attn_bucket(p.n.E, p.n.Ev)) {
+    case 64: return launch_bwd<T, 64>(p, stream);
+    case 128: return launch_bwd<T, 128>(p, stream);
+    case 256: return launch_bwd<T, 256>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t launch_attn_bwd(const AttnBwdParams& p, int dtype, cudaStream_t stream) {
+  switch (dtype) {
+    case DT_F16: return launch_bwd_bucket<__half>(p, stream);
+    case DT_BF16: return launch_bwd_bucket<__nv_bfloat16>(p, stream);
+    case DT_F32: return launch_bwd_bucket<float>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T>
+static cudaError_t launch_delta(const AttnDeltaParams& p, cudaStream_t stream) {
+  const int64_t rows = static_cast<int64_t>(p.B) * p.H * p.L;
+  if (rows == 0) return cudaSuccess;
+  const int64_t blocks = (rows + 7) / 8;  // 8 warps per block
+  attn_bwd_delta_kernel<T><<<static_cast<unsigned>(blocks < 65536 ? blocks : 65536), 256, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_attn_bwd_delta(const AttnDeltaParams& p, int dtype, cudaStream_t stream) {
+  switch (dtype) {
+    case DT_F16: return launch_delta<__half>(p, stream);
+    case DT_BF16: return launch_delta<__nv_bfloat16>(p, stream);
+    case DT_F32: return launch_delta<float>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T, int D>
+static AttnConfig bwd_config() {
+  using Lay = BwdLayout<T, D>;
+  return AttnConfig{D, Lay::BM, Lay::BN, Lay::THREADS, Lay::SMEM};
+}
+
+template <typename T>
+static AttnConfig bwd_config_bucket(int bucket) {
+  switch (bucket) {
+    case 64: return bwd_config<T, 64>();
+    case 128: return bwd_config<T, 128>();
+    case 256: return bwd_config<T, 256>();
+    default: return AttnConfig{0, 0, 0, 0, 0};
+  }
+}
+
+AttnConfig attn_bwd_config(int dtype, int E, int Ev) {
+  const int bucket = attn_bucket(E, Ev);
+  switch (dtype) {
+    case DT_F16: return bwd_config_bucket<__half>(bucket);
+    case DT_BF16: return bwd_config_bucket<__nv_bfloat16>(bucket);
+    case DT_F32: return bwd_config_bucket<float>(bucket);
+    default: return AttnConfig{0, 0, 0, 0, 0};
+  }
+}
+
+}  // namespace llmk

@@ -1,0 +1,417 @@
+// Host side of the CUDA backend: op schemas (TORCH_LIBRARY llmkernels_cuda), argument checks, and the CUDA
+// implementations that fill the parameter structs and launch the kernels of attention_fwd.cu, attention_bwd.cu and
+// softmax.cu on the current stream. The ops write into outputs the caller allocates (llmkernels/cuda_ext.py uses
+// llmkernels._alloc.new_output, so tests can poison them), hence the mutable "Tensor(a!)" arguments.
+//
+// Only c10/cuda headers are included (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS/cuSPARSE headers that a
+// bare CUDA toolkit may lack).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "llmk_params.h"
+
+namespace {
+
+using at::Tensor;
+using c10::optional;
+
+constexpr double kLog2e = 1.4426950408889634;
+
+int dtype_code(const Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return llmk::DT_F16;
+    case at::kBFloat16: return llmk::DT_BF16;
+    case at::kFloat: return llmk::DT_F32;
+    default:
+      TORCH_CHECK(false, "llmkernels_cuda: ", name, " must be float16, bfloat16 or float32, got ", t.scalar_type());
+  }
+  return -1;
+}
+
+int mask_kind(const optional<Tensor>& mask) {
+  if (!mask.has_value()) return llmk::MASK_NONE;
+  switch (mask->scalar_type()) {
+    case at::kBool: return llmk::MASK_BOOL;
+    case at::kHalf: return llmk::MASK_F16;
+    case at::kBFloat16: return llmk::MASK_BF16;
+    case at::kFloat: return llmk::MASK_F32;
+    case at::kDouble: return llmk::MASK_F64;
+    default:
+      TORCH_CHECK(false, "llmkernels_cuda: the mask must be bool or float16/bfloat16/float32/float64, got ",
+                  mask->scalar_type());
+  }
+  return -1;
+}
+
+void check_cuda(const Tensor& t, const char* name, const Tensor& ref) {
+  TORCH_CHECK(t.is_cuda(), "llmkernels_cuda: ", name, " must be a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK(t.device() == ref.device(), "llmkernels_cuda: ", name, " is on ", t.device(), " but the inputs are on ",
+              ref.device());
+  TORCH_CHECK(t.layout() == at::kStrided, "llmkernels_cuda: ", name, " must be a dense (strided) tensor");
+}
+
+void check_shape(const Tensor& t, const char* name, at::IntArrayRef expected) {
+  TORCH_CHECK(t.sizes() == expected, "llmkernels_cuda: ", name, " must have shape ", expected, ", got ", t.sizes());
+}
+
+void check_output(const Tensor& t, const char* name, const Tensor& ref, at::IntArrayRef shape, at::ScalarType dtype) {
+  check_cuda(t, name, ref);
+  check_shape(t, name, shape);
+  TORCH_CHECK(t.scalar_type() == dtype, "llmkernels_cuda: ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "llmkernels_cuda: ", name, " must be contiguous");
+}
+
+template <int N>
+void copy_strides(int64_t (&dst)[N], const Tensor& t) {
+  for (int i = 0; i < N; ++i) dst[i] = t.stride(i);
+}
+
+// 16-byte accesses are allowed when the last dim is unit-stride and the pointer and every other stride keep each
+// row start 16-byte aligned (a stride-0 broadcast dim qualifies).
+bool vec_ok(const Tensor& t) {
+  const int64_t v = 16 / static_cast<int64_t>(t.element_size());
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  if (t.size(-1) > 1 && t.stride(-1) != 1) return false;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
+    if (t.stride(d) % v != 0) return false;
+  }
+  return true;
+}
+
+// Tensors with a last dim of size <= 1 may carry any stride there; the kernels multiply by it, so give them 1.
+int64_t last_stride(const Tensor& t) { return t.size(-1) <= 1 ? 1 : t.stride(-1); }
+
+void check_device_and_smem(const Tensor& ref, int smem_bytes, const char* what) {
+  int dev = ref.get_device();
+  int major = 0, optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  TORCH_CHECK(major >= 8, "llmkernels_cuda: ", what, " needs compute capability 8.0 or newer (mma.sync bf16/fp16)");
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  TORCH_CHECK(smem_bytes <= optin, "llmkernels_cuda: ", what, " needs ", smem_bytes,
+              " bytes of shared memory per block; this GPU allows ", optin);
+}
+
+void check_int(int64_t value, const char* name) {
+  TORCH_CHECK(value >= 0 && value <= INT32_MAX, "llmkernels_cuda: ", name, " = ", value, " exceeds 2^31 - 1");
+}
+
+struct AttnInputs {
+  llmk::AttnShape n;
+  int dtype;
+  int mask_kind;
+};
+
+// Checks shared by the forward and the backward: q (B,Hq,L,E), k (B,Hkv,S,E), v (B,Hkv,S,Ev), mask (B,Hq,L,S).
+AttnInputs check_attention_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const optional<Tensor>& mask,
+                                  double dropout_p, const optional<Tensor>& rng_state) {
+  check_cuda(q, "q", q);
+  check_cuda(k, "k", q);
+  check_cuda(v, "v", q);
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+              "llmkernels_cuda: q, k, v must be 4-D (B, H, L, E), got ", q.dim(), ", ", k.dim(), ", ", v.dim(), " dims");
+  const int dtype = dtype_code(q, "q");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "llmkernels_cuda: q, k, v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  const int64_t B = q.size(0), Hq = q.size(1), L = q.size(2), E = q.size(3);
+  const int64_t Hkv = k.size(1), S = k.size(2), Ev = v.size(3);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B, "llmkernels_cuda: q, k, v must have the same batch size");
+  TORCH_CHECK(k.size(3) == E, "llmkernels_cuda: k must have head dim ", E, " (q's), got ", k.size(3));
+  TORCH_CHECK(v.size(1) == Hkv && v.size(2) == S, "llmkernels_cuda: v must have shape (B, Hkv, S, Ev) = (", B, ", ",
+              Hkv, ", ", S, ", Ev), got ", v.sizes());
+  TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, "llmkernels_cuda: q heads (", Hq, ") must be a multiple of k/v heads (", Hkv,
+              ")");
+  TORCH_CHECK(E >= 1 && E <= 256 && Ev >= 1 && Ev <= 256, "llmkernels_cuda: head dims must be in [1, 256], got E=",
+              E, ", Ev=", Ev);
+  check_int(B, "B");
+  check_int(Hq, "Hq");
+  check_int(L, "L");
+  check_int(S, "S");
+  check_int(B * Hq * L, "B * Hq * L");
+  const int kind = mask_kind(mask);
+  if (mask.has_value()) {
+    check_cuda(*mask, "mask", q);
+    TORCH_CHECK(mask->dim() == 4, "llmkernels_cuda: the mask must be 4-D (B, Hq, L, S), got ", mask->dim(), " dims");
+    check_shape(*mask, "mask", {B, Hq, L, S});
+  }
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "llmkernels_cuda: dropout_p must be in [0, 1), got ", dropout_p);
+  if (dropout_p > 0.0) {
+    TORCH_CHECK(rng_state.has_value(), "llmkernels_cuda: dropout_p > 0 needs rng_state ([seed, offset], int64)");
+    check_cuda(*rng_state, "rng_state", q);
+    TORCH_CHECK(rng_state->scalar_type() == at::kLong && rng_state->numel() == 2 && rng_state->is_contiguous(),
+                "llmkernels_cuda: rng_state must be a contiguous int64 tensor [seed, offset]");
+  }
+  llmk::AttnShape n{static_cast<int>(B), static_cast<int>(Hq), static_cast<int>(Hkv), static_cast<int>(L),
+                    static_cast<int>(S), static_cast<int>(E), static_cast<int>(Ev)};
+  return AttnInputs{n, dtype, kind};
+}
+
+void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const optional<Tensor>& mask,
+                       double dropout_p, bool is_causal, double scale, const optional<Tensor>& rng_state,
+                       const Tensor& out, const Tensor& lse) {
+  const AttnInputs in = check_attention_inputs(q, k, v, mask, dropout_p, rng_state);
+  const llmk::AttnShape& n = in.n;
+  check_output(out, "out", q, {n.B, n.Hq, n.L, n.Ev}, q.scalar_type());
+  check_output(lse, "lse", q, {n.B, n.Hq, n.L}, at::kFloat);
+  if (static_cast<int64_t>(n.B) * n.Hq * n.L == 0) return;
+  const c10::cuda::CUDAGuard guard(q.device());
+  const llmk::AttnConfig cfg = llmk::attn_fwd_config(in.dtype, n.E, n.Ev);
+  check_device_and_smem(q, cfg.smem_bytes, "attention_forward");
+
+  llmk::AttnFwdParams p{};
+  p.n = n;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.mask = mask.has_value() ? mask->data_ptr() : nullptr;
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  copy_strides(p.q_stride, q);
+  copy_strides(p.k_stride, k);
+  copy_strides(p.v_stride, v);
+  p.q_stride[3] = last_stride(q);
+  p.k_stride[3] = last_stride(k);
+  p.v_stride[3] = last_stride(v);
+  if (mask.has_value()) copy_strides(p.mask_stride, *mask);
+  p.q_vec = vec_ok(q);
+  p.k_vec = vec_ok(k);
+  p.v_vec = vec_ok(v);
+  p.out_vec = vec_ok(out);
+  p.mask_kind = in.mask_kind;
+  p.causal = is_causal;
+  p.scale_log2 = static_cast<float>(scale * kLog2e);
+  p.dropout_p = static_cast<float>(dropout_p);
+  p.keep_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
+  p.rng = dropout_p > 0.0 ? rng_state->data_ptr<int64_t>() : nullptr;
+  C10_CUDA_CHECK(llmk::launch_attn_fwd(p, in.dtype, c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void attention_backward(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                        const Tensor& lse, const optional<Tensor>& grad_lse, const optional<Tensor>& mask,
+                        double dropout_p, bool is_causal, double scale, const optional<Tensor>& rng_state,
+                        const Tensor& dq, const Tensor& dk, const Tensor& dv, const optional<Tensor>& dmask) {
+  const AttnInputs in = check_attention_inputs(q, k, v, mask, dropout_p, rng_state);
+  const llmk::AttnShape& n = in.n;
+  check_cuda(grad_out, "grad_out", q);
+  check_cuda(out, "out", q);
+  check_cuda(lse, "lse", q);
+  check_shape(grad_out, "grad_out", {n.B, n.Hq, n.L, n.Ev});
+  check_shape(out, "out", {n.B, n.Hq, n.L, n.Ev});
+  check_shape(lse, "lse", {n.B, n.Hq, n.L});
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+              "llmkernels_cuda: grad_out and out must have q's dtype ", q.scalar_type());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, "llmkernels_cuda: lse must be float32, got ", lse.scalar_type());
+  if (grad_lse.has_value()) {
+    check_cuda(*grad_lse, "grad_lse", q);
+    check_shape(*grad_lse, "grad_lse", {n.B, n.Hq, n.L});
+    TORCH_CHECK(grad_lse->scalar_type() == at::kFloat, "llmkernels_cuda: grad_lse must be float32");
+  }
+  check_output(dq, "dq", q, q.sizes(), q.scalar_type());
+  check_output(dk, "dk", q, k.sizes(), q.scalar_type());
+  check_output(dv, "dv", q, v.sizes(), q.scalar_type());
+  if (dmask.has_value()) {
+    TORCH_CHECK(mask.has_value(), "llmkernels_cuda: dmask was given without a mask");
+    check_output(*dmask, "dmask", q, {n.B, n.Hq, n.L, n.S}, at::kFloat);
+  }
+  const c10::cuda::CUDAGuard guard(q.device());
+  if (static_cast<int64_t>(n.B) * n.Hq * n.L == 0 || n.S == 0) {
+    // No (row, key) pair: every gradient is zero (empty outputs are left as they are).
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    if (dmask.has_value()) dmask->zero_();
+    return;
+  }
+  const llmk::AttnConfig cfg = llmk::attn_bwd_config(in.dtype, n.E, n.Ev);
+  check_device_and_smem(q, cfg.smem_bytes, "attention_backward");
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  // delta = rowsum(dO * O) - grad_lse, and the fp32 dQ accumulator (scratch, not outputs).
+  Tensor delta = at::empty({n.B, n.Hq, n.L}, q.options().dtype(at::kFloat));
+  Tensor dq_acc = at::zeros({n.B, n.Hq, n.L, n.E}, q.options().dtype(at::kFloat));
+  llmk::AttnDeltaParams dp{};
+  dp.B = n.B;
+  dp.H = n.Hq;
+  dp.L = n.L;
+  dp.Ev = n.Ev;
+  dp.dout = grad_out.data_ptr();
+  dp.out = out.data_ptr();
+  dp.grad_lse = grad_lse.has_value() ? grad_lse->data_ptr<float>() : nullptr;
+  dp.delta = delta.data_ptr<float>();
+  copy_strides(dp.dout_stride, grad_out);
+  copy_strides(dp.out_stride, out);
+  if (grad_lse.has_value()) copy_strides(dp.grad_lse_stride, *grad_lse);
+  C10_CUDA_CHECK(llmk::launch_attn_bwd_delta(dp, in.dtype, stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  llmk::AttnBwdParams p{};
+  p.n = n;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.mask = mask.has_value() ? mask->data_ptr() : nullptr;
+  p.dout = grad_out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.dq_acc = dq_acc.data_ptr<float>();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dmask = dmask.has_value() ? dmask->data_ptr<float>() : nullptr;
+  copy_strides(p.q_stride, q);
+  copy_strides(p.k_stride, k);
+  copy_strides(p.v_stride, v);
+  copy_strides(p.dout_stride, grad_out);
+  p.q_stride[3] = last_stride(q);
+  p.k_stride[3] = last_stride(k);
+  p.v_stride[3] = last_stride(v);
+  p.dout_stride[3] = last_stride(grad_out);
+  copy_strides(p.lse_stride, lse);
+  if (mask.has_value()) copy_strides(p.mask_stride, *mask);
+  p.q_vec = vec_ok(q);
+  p.k_vec = vec_ok(k);
+  p.v_vec = vec_ok(v);
+  p.dout_vec = vec_ok(grad_out);
+  p.mask_kind = in.mask_kind;
+  p.causal = is_causal;
+  p.scale = static_cast<float>(scale);
+  p.scale_log2 = static_cast<float>(scale * kLog2e);
+  p.dropout_p = static_cast<float>(dropout_p);
+  p.keep_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
+  p.rng = dropout_p > 0.0 ? rng_state->data_ptr<int64_t>() : nullptr;
+  C10_CUDA_CHECK(llmk::launch_attn_bwd(p, in.dtype, stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  dq.copy_(dq_acc);  // fp32 -> q's dtype
+}
+
+void dropout_keep_mask(const Tensor& rng_state, double dropout_p, const Tensor& keep) {
+  TORCH_CHECK(keep.is_cuda() && keep.scalar_type() == at::kBool && keep.dim() == 4 && keep.is_contiguous(),
+              "llmkernels_cuda: keep must be a contiguous 4-D bool CUDA tensor (B, H, L, S)");
+  check_cuda(rng_state, "rng_state", keep);
+  TORCH_CHECK(rng_state.scalar_type() == at::kLong && rng_state.numel() == 2 && rng_state.is_contiguous(),
+              "llmkernels_cuda: rng_state must be a contiguous int64 tensor [seed, offset]");
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "llmkernels_cuda: dropout_p must be in [0, 1), got ", dropout_p);
+  const c10::cuda::CUDAGuard guard(keep.device());
+  llmk::DropoutMaskParams p{keep.size(0), keep.size(1), keep.size(2), keep.size(3), rng_state.data_ptr<int64_t>(),
+                            static_cast<float>(dropout_p), keep.data_ptr<bool>()};
+  C10_CUDA_CHECK(llmk::launch_dropout_mask(p, c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void masked_softmax_forward(const Tensor& x, const optional<Tensor>& mask, double scale, bool is_causal,
+                            const Tensor& y) {
+  check_cuda(x, "x", x);
+  TORCH_CHECK(x.dim() == 4, "llmkernels_cuda: x must be 4-D (A, B, M, N), got ", x.dim(), " dims");
+  const int dtype = dtype_code(x, "x");
+  const int kind = mask_kind(mask);
+  if (mask.has_value()) {
+    check_cuda(*mask, "mask", x);
+    check_shape(*mask, "mask", x.sizes());
+  }
+  check_output(y, "y", x, x.sizes(), x.scalar_type());
+  if (x.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(x.device());
+  llmk::SoftmaxFwdParams p{};
+  p.A = x.size(0);
+  p.B = x.size(1);
+  p.M = x.size(2);
+  p.N = x.size(3);
+  p.x = x.data_ptr();
+  p.mask = mask.has_value() ? mask->data_ptr() : nullptr;
+  p.y = y.data_ptr();
+  copy_strides(p.x_stride, x);
+  p.x_stride[3] = last_stride(x);
+  if (mask.has_value()) copy_strides(p.mask_stride, *mask);
+  p.x_vec = vec_ok(x);
+  p.y_vec = vec_ok(y);
+  p.mask_kind = kind;
+  p.causal = is_causal;
+  p.scale_log2 = static_cast<float>(scale * kLog2e);
+  C10_CUDA_CHECK(llmk::launch_softmax_fwd(p, dtype, c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void masked_softmax_backward(const Tensor& grad_y, const Tensor& y, double scale, const Tensor& dx) {
+  check_cuda(y, "y", y);
+  check_cuda(grad_y, "grad_y", y);
+  TORCH_CHECK(y.dim() == 4, "llmkernels_cuda: y must be 4-D (A, B, M, N), got ", y.dim(), " dims");
+  const int dtype = dtype_code(y, "y");
+  check_shape(grad_y, "grad_y", y.sizes());
+  TORCH_CHECK(grad_y.scalar_type() == y.scalar_type(), "llmkernels_cuda: grad_y must have y's dtype ",
+              y.scalar_type(), ", got ", grad_y.scalar_type());
+  check_output(dx, "dx", y, y.sizes(), y.scalar_type());
+  if (y.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(y.device());
+  llmk::SoftmaxBwdParams p{};
+  p.A = y.size(0);
+  p.B = y.size(1);
+  p.M = y.size(2);
+  p.N = y.size(3);
+  p.dy = grad_y.data_ptr();
+  p.y = y.data_ptr();
+  p.dx = dx.data_ptr();
+  copy_strides(p.dy_stride, grad_y);
+  copy_strides(p.y_stride, y);
+  p.dy_stride[3] = last_stride(grad_y);
+  p.y_stride[3] = last_stride(y);
+  p.dy_vec = vec_ok(grad_y);
+  p.y_vec = vec_ok(y);
+  p.dx_vec = vec_ok(dx);
+  p.scale = static_cast<float>(scale);
+  C10_CUDA_CHECK(llmk::launch_softmax_bwd(p, dtype, c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Tile configuration of the attention kernels, for cuda_ext.attention_reasons (shared memory against the device's
+// limit) and the kernel report. dtype: 0 fp16, 1 bf16, 2 fp32.
+py::dict attention_config(int64_t dtype, int64_t E, int64_t Ev, bool backward) {
+  const llmk::AttnConfig c = backward ? llmk::attn_bwd_config(static_cast<int>(dtype), static_cast<int>(E),
+                                                              static_cast<int>(Ev))
+                                      : llmk::attn_fwd_config(static_cast<int>(dtype), static_cast<int>(E),
+                                                              static_cast<int>(Ev));
+  py::dict d;
+  d["head_dim_bucket"] = c.D;
+  d["block_m"] = c.BM;
+  d["block_n"] = c.BN;
+  d["threads"] = c.threads;
+  d["smem_bytes"] = c.smem_bytes;
+  return d;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(llmkernels_cuda, m) {
+  m.def(
+      "attention_forward(Tensor q, Tensor k, Tensor v, Tensor? mask, float dropout_p, bool is_causal, float scale, "
+      "Tensor? rng_state, Tensor(a!) out, Tensor(b!) lse) -> ()");
+  m.def(
+      "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? grad_lse, "
+      "Tensor? mask, float dropout_p, bool is_causal, float scale, Tensor? rng_state, Tensor(a!) dq, Tensor(b!) dk, "
+      "Tensor(c!) dv, Tensor(d!)? dmask) -> ()");
+  m.def("masked_softmax_forward(Tensor x, Tensor? mask, float scale, bool is_causal, Tensor(a!) y) -> ()");
+  m.def("masked_softmax_backward(Tensor grad_y, Tensor y, float scale, Tensor(a!) dx) -> ()");
+  m.def("dropout_keep_mask(Tensor rng_state, float dropout_p, Tensor(a!) keep) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(llmkernels_cuda, CUDA, m) {
+  m.impl("attention_forward", &attention_forward);
+  m.impl("attention_backward", &attention_backward);
+  m.impl("masked_softmax_forward", &masked_softmax_forward);
+  m.impl("masked_softmax_backward", &masked_softmax_backward);
+  m.impl("dropout_keep_mask", &dropout_keep_mask);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "llmkernels CUDA C++ kernels; the ops are in torch.ops.llmkernels_cuda";
+  m.def("attention_config", &attention_config, "tile sizes and shared memory of an attention kernel instance",
+        py::arg("dtype"), py::arg("E"), py::arg("Ev"), py::arg("backward"));
+  m.def("softmax_variant", &llmk::softmax_variant, "which softmax kernel a row length uses", py::arg("N"));
+  m.def("softmax_variant_name", &llmk::softmax_variant_name, py::arg("variant"));
+}

@@ -1,0 +1,291 @@
+// Device helpers shared by the attention and softmax kernels: dtype conversion, mask reads, Philox dropout,
+// warp reductions, 16-byte tile loads with a scalar fallback, and the warp-level tile matrix product.
+#pragma once
+
+#include <cstdint>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "llmk_params.h"
+
+namespace llmk {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// ---------------------------------------------------------------------------------------------------------------
+// dtype traits: every kernel computes in fp32 and converts on load/store.
+
+template <typename T>
+struct Num;
+
+template <>
+struct Num<float> {
+  static __device__ __forceinline__ float to_f(float x) { return x; }
+  static __device__ __forceinline__ float from_f(float x) { return x; }
+};
+
+template <>
+struct Num<__half> {
+  static __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from_f(float x) { return __float2half_rn(x); }
+  static __device__ __forceinline__ uint32_t bits(__half x) { return __half_as_ushort(x); }
+};
+
+template <>
+struct Num<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_f(float x) { return __float2bfloat16_rn(x); }
+  static __device__ __forceinline__ uint32_t bits(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Masks: the additive value in natural units (bool false -> -inf). The kind is a runtime switch so that masks of
+// every dtype share one kernel instance (no template explosion, the switch is uniform across a warp).
+
+__device__ __forceinline__ float mask_value(const void* mask, int kind, int64_t off) {
+  switch (kind) {
+    case MASK_BOOL:
+      return reinterpret_cast<const unsigned char*>(mask)[off] ? 0.f : -INFINITY;
+    case MASK_F16:
+      return __half2float(reinterpret_cast<const __half*>(mask)[off]);
+    case MASK_BF16:
+      return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(mask)[off]);
+    case MASK_F32:
+      return reinterpret_cast<const float*>(mask)[off];
+    case MASK_F64:
+      return static_cast<float>(reinterpret_cast<const double*>(mask)[off]);
+    default:
+      return 0.f;
+  }
+}
+
+// Adds a mask value (natural units) to a base-2 score. A -inf mask hides the position whatever the score is, so a
+// NaN score at a masked position does not spread over the row.
+__device__ __forceinline__ float apply_mask_log2(float t, float mv) {
+  return mv == -INFINITY ? -INFINITY : t + mv * kLog2e;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Dropout: Philox4x32-10 (Salmon et al., SC'11), one call per element of the (B,H,L,S) score tensor, counter =
+// (element index, offset), key = seed. The forward and the backward call it with the same arguments, so the
+// backward regenerates exactly the forward's keep pattern without storing it.
+
+__device__ __forceinline__ uint4 philox4x32_10(uint4 c, uint2 k) {
+  constexpr uint32_t M0 = 0xD2511F53u, M1 = 0xCD9E8D57u, W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
+#pragma unroll
+  for (int r = 0; r < 10; ++r) {
+    const uint32_t hi0 = __umulhi(M0, c.x), lo0 = M0 * c.x;
+    const uint32_t hi1 = __umulhi(M1, c.z), lo1 = M1 * c.z;
+    c = make_uint4(hi1 ^ c.y ^ k.x, lo1, hi0 ^ c.w ^ k.y, lo0);
+    k.x += W0;
+    k.y += W1;
+  }
+  return c;
+}
+
+// True when element `index` is kept. u is uniform in [0, 1) with 24 random bits.
+__device__ __forceinline__ bool dropout_keep(uint64_t seed, uint64_t offset, uint64_t index, float p) {
+  const uint4 r = philox4x32_10(
+      make_uint4(static_cast<uint32_t>(index), static_cast<uint32_t>(index >> 32), static_cast<uint32_t>(offset),
+                 static_cast<uint32_t>(offset >> 32)),
+      make_uint2(static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)));
+  const float u = static_cast<float>(r.x >> 8) * (1.0f / 16777216.0f);
+  return u >= p;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Reductions
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Max / sum over the 4 threads that share an mma accumulator row (lanes 4g .. 4g+3).
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// Block-wide reductions for NTHREADS threads (a multiple of 32). `red` is NTHREADS/32 floats of shared memory;
+// the leading barrier makes it safe to call these back to back.
+template <int NTHREADS>
+__device__ __forceinline__ float block_max(float v, float* red) {
+  constexpr int NW = NTHREADS / 32;
+  v = warp_max(v);
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float r = red[0];
+#pragma unroll
+  for (int w = 1; w < NW; ++w) r = fmaxf(r, red[w]);
+  return r;
+}
+
+template <int NTHREADS>
+__device__ __forceinline__ float block_sum(float v, float* red) {
+  constexpr int NW = NTHREADS / 32;
+  v = warp_sum(v);
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float r = 0.f;
+#pragma unroll
+  for (int w = 0; w < NW; ++w) r += red[w];  // the same order in every thread: all get the same sum
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Tiles between global and shared memory. A tile is ROWS x COLS elements with leading dimension `ld` in shared
+// memory; global element (r, c) is base[r * rs + c * cs] for r < nrows, c < ncols, and zero elsewhere (the zero
+// padding is what lets the matrix products run over whole 16-wide steps). `vec` (checked on the host: cs == 1,
+// base pointer and every other stride 16-byte aligned) allows 16-byte accesses; a chunk that crosses ncols is
+// read element by element.
+
+template <typename T>
+struct Vec {
+  static constexpr int N = 16 / sizeof(T);
+};
+
+template <typename T, int ROWS, int COLS, int NTHREADS>
+__device__ __forceinline__ void load_tile(T* smem, int ld, const T* base, int64_t rs, int64_t cs, int nrows,
+                                          int ncols, bool vec) {
+  constexpr int V = Vec<T>::N;
+  static_assert(COLS % V == 0, "tile width must be a multiple of the vector width");
+  constexpr int CHUNKS = ROWS * (COLS / V);
+  for (int idx = threadIdx.x; idx < CHUNKS; idx += NTHREADS) {
+    const int r = idx / (COLS / V);
+    const int c = (idx % (COLS / V)) * V;
+    T* dst = smem + r * ld + c;
+    if (vec && r < nrows && c + V <= ncols) {
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(base + r * rs + c);
+    } else {
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        dst[e] = (r < nrows && c + e < ncols) ? base[r * rs + static_cast<int64_t>(c + e) * cs] : Num<T>::from_f(0.f);
+      }
+    }
+  }
+}
+
+// Writes rows < nrows and cols < ncols of a shared-memory tile to global memory with row stride rs (unit column
+// stride).
+template <typename T, int ROWS, int COLS, int NTHREADS>
+__device__ __forceinline__ void store_tile(T* base, int64_t rs, const T* smem, int ld, int nrows, int ncols,
+                                           bool vec) {
+  constexpr int V = Vec<T>::N;
+  constexpr int CHUNKS = ROWS * (COLS / V);
+  for (int idx = threadIdx.x; idx < CHUNKS; idx += NTHREADS) {
+    const int r = idx / (COLS / V);
+    const int c = (idx % (COLS / V)) * V;
+    if (r >= nrows || c >= ncols) continue;
+    const T* src = smem + r * ld + c;
+    if (vec && c + V <= ncols) {
+      *reinterpret_cast<uint4*>(base + r * rs + c) = *reinterpret_cast<const uint4*>(src);
+    } else {
+      for (int e = 0; e < V && c + e < ncols; ++e) base[r * rs + c + e] = src[e];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Warp-level tile product on shared memory, in the accumulator layout of mma.m16n8k16 for every dtype:
+//
+//   acc[nt] (a 16 x 8 tile) += sum_{k < K} A(r, k) * B(k, 8 nt + c),  r < 16, c < 8
+//   A(r, k) = A[r * a_rs + k * a_cs],  B(k, n) = B[k * b_rs + n * b_cs]   (any orientation: transposes are free)
+//
+// Lane l holds acc[nt][0..1] at row l/4, cols 2(l%4) + {0,1} and acc[nt][2..3] at row l/4 + 8, same cols (PTX ISA,
+// "matrix fragments for mma.m16n8k16"). fp16/bf16 run on the tensor cores (sm_80+); fp32 runs the same layout with
+// IEEE fp32 FMAs, so every kernel above this function is the same code for all three dtypes. K % 16 == 0.
+
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], __half) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                                          __nv_bfloat16) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Two 16-bit values in one register, the lower column in the low half (the .f16x2 / .bf16x2 convention).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(T lo, T hi) {
+  return Num<T>::bits(lo) | (Num<T>::bits(hi) << 16);
+}
+
+template <typename T, int NT>
+struct WarpGemm {
+  static __device__ __forceinline__ void run(float (&acc)[NT][4], const T* A, int a_rs, int a_cs, const T* B,
+                                             int b_rs, int b_cs, int K) {
+    const int lane = threadIdx.x & 31;
+    const int g = lane >> 2, t2 = (lane & 3) * 2;
+    for (int k0 = 0; k0 < K; k0 += 16) {
+      const T* a_lo = A + g * a_rs + (k0 + t2) * a_cs;        // row g,     cols k0 + t2 (+1)
+      const T* a_hi = A + (g + 8) * a_rs + (k0 + t2) * a_cs;  // row g + 8
+      uint32_t a[4];
+      a[0] = pack2(a_lo[0], a_lo[a_cs]);
+      a[1] = pack2(a_hi[0], a_hi[a_cs]);
+      a[2] = pack2(a_lo[8 * a_cs], a_lo[9 * a_cs]);  // cols k0 + t2 + 8 (+1)
+      a[3] = pack2(a_hi[8 * a_cs], a_hi[9 * a_cs]);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const T* b_col = B + (k0 + t2) * b_rs + (nt * 8 + g) * b_cs;  // rows k0 + t2 (+1), col 8 nt + g
+        uint32_t b[2];
+        b[0] = pack2(b_col[0], b_col[b_rs]);
+        b[1] = pack2(b_col[8 * b_rs], b_col[9 * b_rs]);  // rows k0 + t2 + 8 (+1)
+        mma_16816(acc[nt], a, b, T());
+      }
+    }
+  }
+};
+
+template <int NT>
+struct WarpGemm<float, NT> {
+  static __device__ __forceinline__ void run(float (&acc)[NT][4], const float* A, int a_rs, int a_cs,
+                                             const float* B, int b_rs, int b_cs, int K) {
+    const int lane = threadIdx.x & 31;
+    const int g = lane >> 2, t2 = (lane & 3) * 2;
+#pragma unroll 2
+    for (int k = 0; k < K; ++k) {
+      const float a_lo = A[g * a_rs + k * a_cs];
+      const float a_hi = A[(g + 8) * a_rs + k * a_cs];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const float b0 = B[k * b_rs + (nt * 8 + t2) * b_cs];
+        const float b1 = B[k * b_rs + (nt * 8 + t2 + 1) * b_cs];
+        acc[nt][0] = fmaf(a_lo, b0, acc[nt][0]);
+        acc[nt][1] = fmaf(a_lo, b1, acc[nt][1]);
+        acc[nt][2] = fmaf(a_hi, b0, acc[nt][2]);
+        acc[nt][3] = fmaf(a_hi, b1, acc[nt][3]);
+      }
+    }
+  }
+};
+
+// Position of accumulator element e (0..3) of a lane inside its 16 x 8 tile.
+__device__ __forceinline__ int acc_row(int e) { return ((threadIdx.x & 31) >> 2) + (e >> 1) * 8; }
+__device__ __forceinline__ int acc_col(int e) { return (threadIdx.x & 3) * 2 + (e & 1); }
+
+__host__ __device__ constexpr int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+}  // namespace llmk

@@ -1,0 +1,131 @@
+// Plain parameter structs and kernel launchers shared by the host bindings (bindings.cpp, compiled by the host
+// compiler with the torch headers) and the kernels (*.cu, compiled by nvcc WITHOUT the torch headers, which
+// keeps each nvcc run short). Every tensor is passed as a pointer plus int64 strides in elements, so the kernels
+// read any layout (stride 0 on broadcast dims included) and no offset is computed in 32 bits.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace llmk {
+
+enum DType : int { DT_F16 = 0, DT_BF16 = 1, DT_F32 = 2 };
+
+// How a mask is stored. Bool: true = keep. Float kinds: added to the scaled scores (-inf allowed).
+enum MaskKind : int { MASK_NONE = 0, MASK_BOOL = 1, MASK_F16 = 2, MASK_BF16 = 3, MASK_F32 = 4, MASK_F64 = 5 };
+
+// ---- attention (canonical form: q (B,Hq,L,E), k (B,Hkv,S,E), v (B,Hkv,S,Ev), mask (B,Hq,L,S)) ----
+
+struct AttnShape {
+  int B, Hq, Hkv, L, S, E, Ev;
+};
+
+struct AttnFwdParams {
+  AttnShape n;
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* mask;     // null when mask_kind == MASK_NONE
+  void* out;            // (B,Hq,L,Ev) contiguous, dtype of q
+  float* lse;           // (B,Hq,L) contiguous, natural log
+  int64_t q_stride[4], k_stride[4], v_stride[4], mask_stride[4];
+  bool q_vec, k_vec, v_vec, out_vec;  // 16-byte loads/stores are allowed for this tensor (checked on the host)
+  int mask_kind;
+  bool causal;          // top-left: query i sees keys j <= i
+  float scale_log2;     // scale * log2(e): the kernels work in base 2
+  float dropout_p;      // 0: no dropout
+  float keep_scale;     // 1 / (1 - dropout_p)
+  const int64_t* rng;   // device pointer to [seed, offset] when dropout_p > 0
+};
+
+struct AttnBwdParams {
+  AttnShape n;
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* mask;
+  const void* dout;
+  const float* lse;     // (B,Hq,L) with lse_stride
+  const float* delta;   // (B,Hq,L) contiguous: rowsum(dO * O) - grad_lse
+  float* dq_acc;        // (B,Hq,L,E) contiguous fp32, zero-filled, accumulated with atomics
+  void* dk;             // (B,Hkv,S,E) contiguous
+  void* dv;             // (B,Hkv,S,Ev) contiguous
+  float* dmask;         // (B,Hq,L,S) contiguous fp32, or null
+  int64_t q_stride[4], k_stride[4], v_stride[4], mask_stride[4], dout_stride[4], lse_stride[3];
+  bool q_vec, k_vec, v_vec, dout_vec;
+  int mask_kind;
+  bool causal;
+  float scale;          // natural units, for dQ and dK
+  float scale_log2;
+  float dropout_p;
+  float keep_scale;
+  const int64_t* rng;
+};
+
+struct AttnDeltaParams {
+  int B, H, L, Ev;
+  const void* dout;
+  const void* out;
+  const float* grad_lse;  // (B,H,L) or null
+  float* delta;           // (B,H,L) contiguous
+  int64_t dout_stride[4], out_stride[4], grad_lse_stride[3];
+};
+
+struct DropoutMaskParams {
+  int64_t B, H, L, S;
+  const int64_t* rng;
+  float dropout_p;
+  bool* keep;  // (B,H,L,S) contiguous
+};
+
+// Tile sizes of one attention kernel instance (one per dtype and head-dim bucket).
+struct AttnConfig {
+  int D;        // head-dim bucket: 64, 128 or 256 (E and Ev up to D, the rest padded with zeros)
+  int BM, BN;   // query rows and key rows per tile
+  int threads;
+  int smem_bytes;  // dynamic shared memory per block
+};
+
+// The bucket for head dims E and Ev (0 when they exceed 256), and the configs chosen for it.
+int attn_bucket(int E, int Ev);
+AttnConfig attn_fwd_config(int dtype, int E, int Ev);
+AttnConfig attn_bwd_config(int dtype, int E, int Ev);
+
+cudaError_t launch_attn_fwd(const AttnFwdParams& p, int dtype, cudaStream_t stream);
+cudaError_t launch_attn_bwd_delta(const AttnDeltaParams& p, int dtype, cudaStream_t stream);
+cudaError_t launch_attn_bwd(const AttnBwdParams& p, int dtype, cudaStream_t stream);
+cudaError_t launch_dropout_mask(const DropoutMaskParams& p, cudaStream_t stream);
+
+// ---- masked softmax (canonical form: x (A,B,M,N), softmax over N; mask (A,B,M,N)) ----
+
+struct SoftmaxFwdParams {
+  int64_t A, B, M, N;
+  const void* x;
+  const void* mask;
+  void* y;               // (A,B,M,N) contiguous
+  int64_t x_stride[4], mask_stride[4];
+  bool x_vec, y_vec;
+  int mask_kind;
+  bool causal;           // column j > row m is masked
+  float scale_log2;
+};
+
+struct SoftmaxBwdParams {
+  int64_t A, B, M, N;
+  const void* dy;
+  const void* y;
+  void* dx;              // (A,B,M,N) contiguous
+  int64_t dy_stride[4], y_stride[4];
+  bool dy_vec, y_vec, dx_vec;
+  float scale;
+};
+
+// Which kernel a row length gets: 0 warp per row (short), 1 warp per row (up to 1024), 2 block per row with the
+// row in registers, 3 block per row streaming the row twice (online softmax; any length).
+int softmax_variant(int64_t N);
+const char* softmax_variant_name(int variant);
+
+cudaError_t launch_softmax_fwd(const SoftmaxFwdParams& p, int dtype, cudaStream_t stream);
+cudaError_t launch_softmax_bwd(const SoftmaxBwdParams& p, int dtype, cudaStream_t stream);
+
+}  // namespace llmk
