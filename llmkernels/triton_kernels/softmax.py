@@ -56,15 +56,16 @@ LOG2E = 1.4426950408889634
 # These module-level values are the whole tuning surface. Tests lower them (monkeypatch) so that Triton's
 # interpreter, which is slow per operation but not per element, exercises every path on small tensors.
 
-# Longest row done in one read on the GPU. 16384 fp32 values over 16 warps are 32 values per thread for x plus
-# as many for the mask: no spills on sm_80/sm_90 (see compile_specs). Beyond that the online path runs.
+# Longest row done in one read on the GPU: 16384 values over 16 warps are 32 per thread; the forward then needs
+# 54-64 registers (2 programs per SM), the backward 78-90, with no spills on sm_80/sm_90 (see compile_specs).
+# Beyond that the online path runs.
 ON_CHIP_MAX_N = 16384
 # The same limit in the interpreter: N = 1000 stays on chip, N = 70000 takes the online path.
 INTERPRET_ON_CHIP_MAX_N = 2048
 
 # On-chip tiles: BLOCK_N (power of two >= N) -> (rows per program, num_warps, maxnreg). Short rows share a
-# program so that each program moves 1-2k elements (16 per thread; 32 for the largest tiles): several 16-byte
-# loads in flight per thread, which is what keeps HBM busy. The table suits sm_80 and sm_90 alike (both want
+# program so that each program moves at least 1-2k elements, 16 per thread (32 for the two largest tiles): several
+# 16-byte loads in flight per thread, which is what keeps HBM busy, and tiny rows get 2 warps, long ones 8-16. The table suits sm_80 and sm_90 alike (both want
 # about 32 KB in flight per SM, which these programs give at their occupancy); it is kept per arch so that one
 # can differ. maxnreg (None: ptxas decides) caps registers where ptxas 13's own occupancy target made it spill
 # a few bytes (fp32 tiles up to 1024 on sm_90): with the cap it uses 44-56 registers and no local memory.
@@ -85,13 +86,12 @@ ON_CHIP_TABLES = {80: _ON_CHIP_TABLE, 90: _ON_CHIP_TABLE}
 MIN_BLOCK_N = 16  # smallest tile width: rows shorter than 16 still use 16 lanes (one 16-byte vector of fp16)
 
 # Online (long-row) path: column block per loop iteration and warps. 4096 columns over 8 warps are 16 values
-# per thread per iteration (four 16-byte fp32 loads or two fp16 ones), one tl.max per block; about 70 registers,
-# so 3 programs (24 warps) fit an SM and keep 24-48 KB of loads in flight per SM. (8192 over 16 warps needs
-# 95-105 registers: one program per SM, half the bytes in flight.)
+# per thread per iteration (four 16-byte fp32 loads or two fp16 ones), one tl.max per block; 76-85 registers,
+# so 2-3 programs fit an SM. (8192 over 16 warps needs 95-105 registers: one program per SM.)
 LONG_BLOCK_N = 4096
 LONG_NUM_WARPS = 8
-# Without a cap ptxas 13 picks 64 registers for the fp32 kernel on sm_80 and spills; 96 leaves it 60-95 (no
-# spills in any variant, strided ones included): 2-3 programs per SM.
+# Without a cap ptxas 13 picks 64 registers for the fp32 kernel on sm_80 and spills 8 bytes inside the loop; with
+# 96 it uses 61-96 (no spills in any variant, strided ones included).
 LONG_MAXNREG = 96
 INTERPRET_LONG_BLOCK_N = 1024
 
@@ -215,9 +215,9 @@ def _load_end(n_seen, N, VEC: tl.constexpr):
     """End of the columns to load for a row whose first ``n_seen`` columns are visible.
 
     Rounded up to a whole 16-byte vector (VEC elements): a load mask that is constant over each vector keeps the
-    loads 16 bytes wide (with the exact causal bound they would be split into scalar loads). The up to VEC - 1
-    extra columns lie in the 32-byte memory sector that is read anyway for column ``n_seen - 1``, so they cost
-    no extra traffic; they are hidden by ``visible`` and never reach the exponentials' sum.
+    loads 16 bytes wide (with the exact causal bound they would be split into scalar loads). On the aligned rows
+    where vectors are used at all, the up to VEC - 1 extra columns are in the 16-byte vector that holds column
+    ``n_seen - 1``, so no extra memory sector is read; ``visible`` hides them from the sum.
     """
     return tl.minimum((n_seen + (VEC - 1)) // VEC * VEC, N)
 
@@ -244,7 +244,8 @@ def _fwd_on_chip_kernel(Y, X, MASK_F, MASK_B, R, M, B, N,
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
     row_ok = rows < R
-    # Causal: row m sees columns 0..m; the rest is neither loaded nor exponentiated into the sum.
+    # Causal: row m sees columns 0..m; the rest is not loaded (the tile's lanes compute exp2(-inf) = 0 there,
+    # which costs no memory traffic) and is written as 0.
     n_seen = tl.where(is_causal != 0, tl.minimum(rows % M + 1, N), N)
     visible = row_ok[:, None] & (cols[None, :] < n_seen[:, None])
     load_ok = row_ok[:, None] & (cols[None, :] < _load_end(n_seen, N, VEC)[:, None])
@@ -395,7 +396,7 @@ def _bwd_long_kernel(DX, DY, Y, PARTIAL, R, M, B, N,
 # ---------------------------------------------------------------------------------------------------------------
 # Host launchers (the backend interface)
 
-_MAX_INDEX = 2**31 - 1
+_MAX_INDEX = 2**31 - 2**20  # headroom: program and block starts run up to a block past the last row / column
 _standins: dict = {}
 
 
@@ -409,8 +410,7 @@ def _standin(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 
 def _check_sizes(n_rows: int, n: int) -> None:
-    # Row and column indices are int32 in the kernels (every memory offset is int64), and the grid's x dim
-    # allows 2**31 - 1 programs.
+    # Row and column indices are int32 in the kernels (every memory offset is int64).
     if n_rows > _MAX_INDEX or n > _MAX_INDEX:
         raise ValueError(f"masked_softmax: at most {_MAX_INDEX} rows of at most {_MAX_INDEX} columns, got "
                          f"{n_rows} rows of {n} columns")
