@@ -290,8 +290,9 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, dO_base, Lse2_base, Delta_base, m
                          seed, philox_cols, dropout_p, DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
                          HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_DV: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
-                         IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, CHECK: tl.constexpr):
-    """Accumulate one query head's query blocks [lo, hi) into dK, dV of a key block, in the transposed
+                         IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, CHECK: tl.constexpr,
+                         DO_DK: tl.constexpr, DO_DV: tl.constexpr):
+    """Accumulate one query head's query blocks [lo, hi) into dK and/or dV of a key block, in the transposed
     orientation (keys along axis 0): s^T = K Q^T, P^T, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q.
     CHECK: apply the causal rule and the row bound L (otherwise every query of [lo, hi) sees every key)."""
     offs_m0 = tl.arange(0, BLOCK_M)
@@ -321,17 +322,20 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, dO_base, Lse2_base, Delta_base, m
                              MASK_IS_BOOL, IS_CAUSAL, CHECK)
         p_t = tl.math.exp2(s_t - lse2[None, :])
         do = _load_rows(dO_base + start64 * stride_dom + do_offs, offs_m, L, offs_dv, HEAD_DIM_V, BLOCK_DV, CHECK)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, philox_cols[:, None], (offs_m.to(tl.int64) * S)[None, :], dropout_p)
-            inv_keep = 1.0 / (1.0 - dropout_p)
-            p_dropped_t = tl.where(keep, p_t * inv_keep, 0.0)
-            dp_t = tl.where(keep, dp_t * inv_keep, 0.0)
-        else:
-            p_dropped_t = p_t
-        dv += tl.dot(p_dropped_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        if DO_DV:
+            if HAS_DROPOUT:
+                p_dropped_t = tl.where(keep, p_t * (1.0 / (1.0 - dropout_p)), 0.0)
+            else:
+                p_dropped_t = p_t
+            dv += tl.dot(p_dropped_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        if DO_DK:
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            if HAS_DROPOUT:
+                dp_t = tl.where(keep, dp_t * (1.0 / (1.0 - dropout_p)), 0.0)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -346,9 +350,15 @@ def _attn_bwd_dkdv_kernel(Q, K, V, dO, Mask, RngState, Lse2, Delta, dK, dV,
                           HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, IS_CAUSAL: tl.constexpr,
                           HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                           DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                          EVEN_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          EVEN_M: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
     """dK, dV of one key block of one kv head. GQA: the GROUP query heads that read this kv head are summed here,
-    in registers, in a fixed order; K/V are never repeated in memory."""
+    in registers, in a fixed order; K/V are never repeated in memory.
+
+    DO_DK / DO_DV: which of the two this launch computes. Both at once (one pass) up to head dim 128; above that
+    the two fp32 accumulators of BLOCK_N x 256 do not fit the register file next to everything else (they spill
+    in every config, static compile check), so the host runs the kernel twice, once per gradient, recomputing
+    the scores: the dV launch skips dP and dS, the dK launch skips P^T dO."""
     num_n_blocks = tl.cdiv(S, BLOCK_N)
     pid = tl.program_id(0)
     b_kvh = pid // num_n_blocks
@@ -404,20 +414,22 @@ def _attn_bwd_dkdv_kernel(Q, K, V, dO, Mask, RngState, Lse2, Delta, dK, dV,
                                           L, offs_n, col_ok, L, S, stride_qm, stride_qd, stride_dom, stride_dod,
                                           stride_mask_m, qk_scale, seed, philox_cols, dropout_p, DOT_PRECISION,
                                           HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, HAS_MASK, MASK_IS_BOOL,
-                                          IS_CAUSAL, HAS_DROPOUT, True)
+                                          IS_CAUSAL, HAS_DROPOUT, True, DO_DK, DO_DV)
         else:
             dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, dO_base, Lse2_base, Delta_base, mask_base, 0, L,
                                           offs_n, col_ok, L, S, stride_qm, stride_qd, stride_dom, stride_dod,
                                           stride_mask_m, qk_scale, seed, philox_cols, dropout_p, DOT_PRECISION,
                                           HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, HAS_MASK, MASK_IS_BOOL,
-                                          IS_CAUSAL, HAS_DROPOUT, False)
+                                          IS_CAUSAL, HAS_DROPOUT, False, DO_DK, DO_DV)
 
     # dK, dV are contiguous (B, Hkv, S, D) outputs of our own; only rows < S and columns < head dim are written.
     b_kvh64 = b_kvh.to(tl.int64)
-    dk_ptrs = dK + (b_kvh64 * S + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
-    tl.store(dk_ptrs, (dk * scale).to(dK.dtype.element_ty), mask=col_ok & (offs_d[None, :] < HEAD_DIM))
-    dv_ptrs = dV + (b_kvh64 * S + offs_n[:, None]) * HEAD_DIM_V + offs_dv[None, :]
-    tl.store(dv_ptrs, dv.to(dV.dtype.element_ty), mask=col_ok & (offs_dv[None, :] < HEAD_DIM_V))
+    if DO_DK:
+        dk_ptrs = dK + (b_kvh64 * S + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
+        tl.store(dk_ptrs, (dk * scale).to(dK.dtype.element_ty), mask=col_ok & (offs_d[None, :] < HEAD_DIM))
+    if DO_DV:
+        dv_ptrs = dV + (b_kvh64 * S + offs_n[:, None]) * HEAD_DIM_V + offs_dv[None, :]
+        tl.store(dv_ptrs, dv.to(dV.dtype.element_ty), mask=col_ok & (offs_dv[None, :] < HEAD_DIM_V))
 
 
 @triton.jit
@@ -669,6 +681,7 @@ def _make_prune(arch: int, kernel: str):
 
 
 _TUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "HAS_MASK", "HAS_DROPOUT", "L_BUCKET", "S_BUCKET"]
+_DKDV_TUNE_KEY = _TUNE_KEY + ["DO_DK", "DO_DV"]
 
 
 def _tuned(kernel_fn, kernel: str):
@@ -681,7 +694,7 @@ def _tuned(kernel_fn, kernel: str):
         return kernel_fn
     # Every kernel writes (never accumulates into) its outputs, so the autotuner's repeated trial launches leave
     # them correct without reset_to_zero / restore_value.
-    return triton.autotune(configs=_all_configs(arch, kernel), key=_TUNE_KEY,
+    return triton.autotune(configs=_all_configs(arch, kernel), key=_DKDV_TUNE_KEY if kernel == "dkdv" else _TUNE_KEY,
                            prune_configs_by={"early_config_prune": _make_prune(arch, kernel)})(kernel_fn)
 
 
@@ -786,9 +799,13 @@ def attention_backward(grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, i
                   MASK_IS_BOOL=mask_is_bool, HAS_DROPOUT=rng is not None, DOT_PRECISION=_dot_precision(q.dtype),
                   BLOCK_D=_block(E), BLOCK_DV=_block(Ev))
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *mask_strides)
-    _launch(_attn_bwd_dkdv, lambda meta: triton.cdiv(S, meta["BLOCK_N"]) * B * Hkv,
-            q, k, v, grad_out, mask_t, rng_t, lse2, delta, dk, dv, *strides,
-            Hq, Hkv, L, S, Hq // Hkv, float(scale), float(dropout_p), _seq_bucket(L), _seq_bucket(S), **common)
+    # Head dims above 128: dV and dK in two launches (see _attn_bwd_dkdv_kernel); otherwise one.
+    split = max(_block(E), _block(Ev)) > 128
+    for do_dk, do_dv in (((False, True), (True, False)) if split else ((True, True),)):
+        _launch(_attn_bwd_dkdv, lambda meta: triton.cdiv(S, meta["BLOCK_N"]) * B * Hkv,
+                q, k, v, grad_out, mask_t, rng_t, lse2, delta, dk, dv, *strides,
+                Hq, Hkv, L, S, Hq // Hkv, float(scale), float(dropout_p), _seq_bucket(L), _seq_bucket(S),
+                DO_DK=do_dk, DO_DV=do_dv, **common)
     _launch(_attn_bwd_dq, lambda meta: triton.cdiv(L, meta["BLOCK_M"]) * B * Hq,
             q, k, v, grad_out, mask_t, rng_t, lse2, delta, dq, dmask if write_dmask else dq, *strides,
             Hq, L, S, Hq // Hkv, float(scale), float(dropout_p), _seq_bucket(L), _seq_bucket(S),
@@ -801,7 +818,7 @@ def dropout_keep_mask(rng_state, B: int, Hq: int, L: int, S: int, dropout_p: flo
     ``rng_state`` = [seed, offset]: the same Philox helper and offsets. For tests; the kernels never store it."""
     rng = _check_rng(rng_state, dropout_p if dropout_p > 0 else 0.5, device)
     keep = torch.empty((B, Hq, L, S), dtype=torch.int8, device=device)
-    block = 16 if INTERPRETING else 64
+    block = 64
     grid = (triton.cdiv(L, block), triton.cdiv(S, block), B * Hq)
     _dropout_keep_mask_kernel[grid](rng, keep, L, S, float(dropout_p), BLOCK_M=block, BLOCK_N=block)
     return keep.bool()
@@ -872,7 +889,7 @@ def _common_args(dtype, head_dim, flags):
                  Lse="*fp32", Lse2="*fp32", Delta="*fp32", dMask="*fp32" if flags.get("WRITE_DMASK") else dt,
                  Hq=H, Hkv=H // 2, L=L, S=L, GROUP=2, scale=0.1, dropout_p=0.1, L_BUCKET=L, S_BUCKET=L,
                  HEAD_DIM=D, HEAD_DIM_V=D, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-                 BLOCK_D=D, BLOCK_DV=D, EVEN_M=L % 128 == 0, **flags)
+                 BLOCK_D=D, BLOCK_DV=D, EVEN_M=L % 128 == 0, DO_DK=True, DO_DV=True, **flags)
     return names
 
 
