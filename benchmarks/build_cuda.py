@@ -26,6 +26,14 @@ def main() -> int:
         print(f"CUDA backend unavailable after {took:.0f} s: {reason}")
         return 1
     print(f"CUDA backend ready ({took:.0f} s, including any build)")
+    # the kernels as built here: registers, shared memory, spills (from the build's ptxas log and cuobjdump)
+    from benchmarks.static_report import cuda_report, _cuda_row
+
+    report = cuda_report(archs=())
+    for k in report["kernels"]:
+        print("  " + _cuda_row(k))
+    if report["unavailable"]:
+        print(f"  kernel report unavailable: {report['unavailable']}")
     return 0
 
 

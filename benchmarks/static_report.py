@@ -57,7 +57,7 @@ def _compile_job(job):
     return row
 
 
-def triton_report(archs, full: bool, jobs: int) -> dict:
+def triton_report(archs, full: bool, jobs: int, name_filter: str = "") -> dict:
     work, unavailable, excluded, counts = [], [], [], {}
     for name in TRITON_MODULES:
         for arch in archs:
@@ -67,7 +67,10 @@ def triton_report(archs, full: bool, jobs: int) -> dict:
                 unavailable.append({"module": name, "arch": arch,
                                     "reason": f"llmkernels/triton_kernels/{name}.py: {_short(exc)}"})
                 continue
-            picked = range(len(specs)) if full else _representative(specs)
+            if name_filter:  # every config whose name contains the filter
+                picked = [i for i, spec in enumerate(specs) if name_filter in spec.name]
+            else:
+                picked = range(len(specs)) if full else _representative(specs)
             counts[(name, arch)] = (len(picked), len(specs))
             work += [(name, i, arch) for i in picked]
             try:
@@ -93,7 +96,13 @@ def triton_report(archs, full: bool, jobs: int) -> dict:
             pool.join()
     counts_text = {f"{n} sm_{a}": f"{k} of {m} configs" for (n, a), (k, m) in counts.items()}
     return {"configs": rows, "excluded": excluded, "unavailable": unavailable, "counts": counts_text,
-            "selection": "all configs" if full else "one representative config per kernel function (--full: all)"}
+            "selection": (f"configs named *{name_filter}*" if name_filter else "all configs" if full
+                          else "one representative config per kernel function (--full: all)")}
+
+
+# The CUDA backend's report function: list of dicts, one per (kernel, arch), with registers and spills
+# (llmkernels/cuda_ext.py: kernel, arch, registers, spill_stores, spill_loads, local_bytes, smem, uses_mma).
+CUDA_REPORT_FUNCTION = "kernel_report"
 
 
 def cuda_report(archs) -> dict:
@@ -112,22 +121,29 @@ def cuda_report(archs) -> dict:
     return {"kernels": kernels, "unavailable": None}
 
 
-# The CUDA backend's report function: list of dicts, one per (kernel, arch), with registers and spills.
-CUDA_REPORT_FUNCTION = "kernel_report"
+def _cuda_spills(k: dict):
+    """Spill bytes of a CUDA kernel: ptxas's spill stores + loads, else the local memory per thread; None when
+    neither is known (e.g. an ahead-of-time build kept no ptxas log and cuobjdump is missing)."""
+    stores, loads = k.get("spill_stores"), k.get("spill_loads")
+    if stores is not None or loads is not None:
+        return (stores or 0) + (loads or 0)
+    return k.get("local_bytes")
 
 
 def _cuda_row(k: dict) -> str:
-    spills = (k.get("spill_stores", 0) or 0) + (k.get("spill_loads", 0) or 0)
-    arch = k.get("arch", "?")
-    return (f"sm_{arch}  {k.get('kernel', '?')}: {k.get('registers', '?')} regs, smem {k.get('smem', '?')} B, "
-            f"spills {'YES (' + str(spills) + ' B)' if spills else 'none'}"
-            + (f", MMA {'yes' if k['uses_mma'] else 'no'}" if "uses_mma" in k else ""))
+    spills = _cuda_spills(k)
+    spill_text = "unknown" if spills is None else ("none" if spills == 0 else f"YES ({spills} B)")
+    smem = k.get("smem")
+    mma = {True: "MMA yes", False: "no MMA", None: "MMA ?"}[k.get("uses_mma")]
+    return (f"sm_{k.get('arch', '?')}  {k.get('kernel', '?')}: {k.get('registers', '?')} regs, "
+            f"{'?' if smem is None else f'{smem / 1024:.1f}'} KiB smem, spills {spill_text}, {mma}")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", help="compile every Triton config (default: one per kernel)")
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80])
+    parser.add_argument("--filter", default="", help="compile every config whose name contains this (e.g. d128)")
     parser.add_argument("--jobs", type=int, default=0, help="parallel compiles (default: one per CPU core)")
     parser.add_argument("--json", help="write the report to this file")
     parser.add_argument("--no-cuda", action="store_true", help="leave out the CUDA C++ kernels")
@@ -139,7 +155,7 @@ def main(argv=None) -> int:
     start = time.time()
     print(f"STATIC KERNEL REPORT (sm_{', sm_'.join(map(str, args.arch))}; no GPU needed)", flush=True)
     print("Triton kernels, compiled with triton.compile for each GPU target:", flush=True)
-    triton = triton_report(args.arch, args.full, args.jobs)
+    triton = triton_report(args.arch, args.full, args.jobs, args.filter)
     for u in triton["unavailable"]:
         print(f"  sm_{u['arch']}  {u['module']}: unavailable: {u['reason']}")
     for what, count in triton["counts"].items():
@@ -153,18 +169,23 @@ def main(argv=None) -> int:
     if args.no_cuda:
         cuda = {"kernels": [], "unavailable": "left out (--no-cuda)"}
     else:
-        print("CUDA C++ kernels (llmkernels/cuda_ext.py):", flush=True)
+        print("CUDA C++ kernels (llmkernels/cuda_ext.py; builds the extension on first use, minutes, then cached; "
+              "--no-cuda leaves them out):", flush=True)
         cuda = cuda_report(args.arch)
         for k in cuda["kernels"]:
             print("  " + _cuda_row(k))
         if cuda["unavailable"]:
             print(f"  unavailable: {cuda['unavailable']}")
+    cuda_bad = [k for k in cuda["kernels"] if _cuda_spills(k)]
+    for k in cuda_bad:
+        print(f"  PROBLEM: {_cuda_row(k)}")
     print(f"{len(triton['configs'])} Triton configs compiled, {len(bad)} with problems; "
-          f"{len(cuda['kernels'])} CUDA kernel entries; {time.time() - start:.0f} s", flush=True)
+          f"{len(cuda['kernels'])} CUDA kernel entries, {len(cuda_bad)} spilling; {time.time() - start:.0f} s",
+          flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"archs": args.arch, "triton": triton, "cuda": cuda}, f, indent=1)
-    return 1 if bad else 0
+    return 1 if bad or cuda_bad else 0
 
 
 if __name__ == "__main__":
