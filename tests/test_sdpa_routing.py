@@ -87,10 +87,10 @@ def test_global_switch_and_nested_blocks():
     assert F.scaled_dot_product_attention is TORCH_SDPA
 
 
-def test_a_later_wrapper_is_left_in_place_and_still_works(auto_dispatch, kernel_calls):
+def test_a_later_wrapper_is_left_in_place_and_still_works(device, auto_dispatch, kernel_calls):
     # Someone wraps the routed function; when routing ends we must not drop their wrapper, and the router it
     # holds must then pass calls through to PyTorch.
-    q, k, v = _qkv()
+    q, k, v = _qkv(device=device)
     try:
         with llmkernels.route_sdpa():
             routed = F.scaled_dot_product_attention
@@ -216,9 +216,8 @@ def test_explicit_reference_backend_is_routed(kernel_calls):
     torch.testing.assert_close(out, TORCH_SDPA(q, k, v), rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs CPU tensors that the cuda backend refuses")
 def test_requested_backend_that_cannot_run_falls_back_or_raises_when_strict(kernel_calls):
-    q, k, v = _qkv()
+    q, k, v = _qkv()  # CPU tensors: the cuda backend refuses them on every machine
     with llmkernels.route_sdpa(backend="cuda"):
         out = user_code(q, k, v)
     torch.testing.assert_close(out, TORCH_SDPA(q, k, v), rtol=0, atol=0)
@@ -229,9 +228,9 @@ def test_requested_backend_that_cannot_run_falls_back_or_raises_when_strict(kern
     assert not kernel_calls
 
 
-def test_autocast_gives_pytorchs_dtype(auto_dispatch, kernel_calls):
-    q, k, v = _qkv()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+def test_autocast_gives_pytorchs_dtype(device, auto_dispatch, kernel_calls):
+    q, k, v = _qkv(device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         expected = TORCH_SDPA(q, k, v, is_causal=True)
         with llmkernels.route_sdpa():
             out = user_code(q, k, v, is_causal=True)
@@ -242,8 +241,8 @@ def test_autocast_gives_pytorchs_dtype(auto_dispatch, kernel_calls):
     assert_by_rule("out", out, ref, naive, torch.bfloat16)
 
 
-def test_stats_summary_and_reset(auto_dispatch):
-    q, k, v = _qkv()
+def test_stats_summary_and_reset(device, auto_dispatch):
+    q, k, v = _qkv(device=device)
     with llmkernels.route_sdpa():
         user_code(q, k, v)
         user_code(q, k, v)
