@@ -256,3 +256,23 @@ def test_stats_summary_and_reset(device, auto_dispatch):
     assert stats.total == 0 and not stats.recent
     user_code(q, k, v)  # routing off: not seen
     assert stats.total == 0
+
+
+def test_torch_compile_fullgraph_traces_the_routed_op(device, auto_dispatch):
+    """Under torch.compile the router is traced like user code: the graph holds the llmkernels op (and no Python
+    bookkeeping that would break fullgraph=True)."""
+    graphs = []
+
+    def record_graph(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    q, k, v = _qkv(device=device)
+    torch._dynamo.reset()
+    try:
+        with llmkernels.route_sdpa():
+            out = torch.compile(user_code, backend=record_graph, fullgraph=True)(q, k, v, is_causal=True)
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 1 and "llmkernels.sdpa_forward" in graphs[0], graphs
+    torch.testing.assert_close(out, TORCH_SDPA(q, k, v, is_causal=True), rtol=2e-5, atol=2e-5)

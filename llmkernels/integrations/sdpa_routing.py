@@ -34,7 +34,9 @@ Everything else runs ``llmkernels.scaled_dot_product_attention`` on the chosen b
 Differences a routed call can show (all within the llmkernels contract, KERNELS.md): rows whose keys are all
 masked give 0 (as PyTorch's math path since 2.5); a NaN in a *masked* score position is not read (as PyTorch's
 fused kernels; its math path adds -inf to it and spreads the NaN over the row); dropout draws a different random
-stream. Under autocast the router casts the inputs as PyTorch's autocast does for this op (to the autocast dtype)
+stream. Under torch.compile the router is traced like the code around it (``fullgraph=True`` works) and the
+routed call becomes the llmkernels op in the graph; the counters are not updated for compiled calls (they would
+count traces, not calls). Under autocast the router casts the inputs as PyTorch's autocast does for this op (to the autocast dtype)
 and runs the kernel with autocast off, so the output dtype matches PyTorch's.
 """
 
@@ -83,6 +85,10 @@ class RoutingStats:
         self.recent: collections.deque = collections.deque(maxlen=log_size)
 
     def _record(self, event: RoutingEvent) -> None:
+        if torch.compiler.is_compiling():
+            # Under torch.compile the router runs once per trace, not per call, so a count would mislead; and
+            # the lock would break a fullgraph=True graph.
+            return
         with self._lock:
             if event.path == "llmkernels":
                 self.routed[event.backend] += 1
