@@ -24,6 +24,7 @@ __all__ = ["scaled_dot_product_attention", "masked_softmax", "use_backend", "Not
 from . import nn  # noqa: E402
 from .integrations.sdpa_routing import (disable_sdpa_routing, enable_sdpa_routing, reset_routing_stats,  # noqa: E402
                                         route_sdpa, routing_stats, sdpa_routing_enabled)
+from .integrations import register_huggingface  # noqa: E402
 
 __all__ += ["nn", "route_sdpa", "enable_sdpa_routing", "disable_sdpa_routing", "sdpa_routing_enabled", "routing_stats",
-            "reset_routing_stats"]
+            "reset_routing_stats", "register_huggingface"]

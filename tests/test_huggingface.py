@@ -176,3 +176,11 @@ def test_register_is_idempotent_and_names_are_registered():
     assert transformers.AttentionInterface._global_mapping["llmkernels_again"] is lk_hf.attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     assert AttentionMaskInterface._global_mapping["llmkernels"] is sdpa_mask
+
+
+def test_top_level_register_helper(device, kernel_calls):
+    llmkernels.register_huggingface("llmkernels_top")
+    model = transformers.AutoModelForCausalLM.from_config(_config(2), attn_implementation="llmkernels_top").to(device)
+    with torch.no_grad():
+        model(input_ids=_batch("none", device)[0])
+    assert len(kernel_calls) == LAYERS

@@ -12,4 +12,11 @@ from .sdpa_routing import (RoutingStats, disable_sdpa_routing, enable_sdpa_routi
                            route_sdpa, routing_stats, sdpa_routing_enabled)
 
 __all__ = ["route_sdpa", "enable_sdpa_routing", "disable_sdpa_routing", "sdpa_routing_enabled", "routing_stats",
-           "reset_routing_stats", "RoutingStats"]
+           "reset_routing_stats", "RoutingStats", "register_huggingface"]
+
+
+def register_huggingface(name: str = "llmkernels") -> None:
+    """Make ``attn_implementation=name`` available in transformers (imports transformers only now; raises
+    ImportError with the install command when it is missing). Same as importing ``.huggingface``."""
+    from . import huggingface
+    huggingface.register(name)
