@@ -18,7 +18,8 @@ from runnable import runnable_backends
 
 @pytest.fixture(autouse=True)
 def deterministic_mode():
-    was_on, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    was_on = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True)
     yield
     torch.use_deterministic_algorithms(was_on, warn_only=warn_only)

@@ -142,7 +142,8 @@ def test_attention_matches_float64_reference(case, device):
         return [out] + grads
 
     with default_dispatch():
-        ours = run(None, dtype, case["layouts"], lambda q, k, v, kw: llmkernels.scaled_dot_product_attention(q, k, v, **kw))
+        ours = run(None, dtype, case["layouts"],
+                   lambda q, k, v, kw: llmkernels.scaled_dot_product_attention(q, k, v, **kw))
     ref = run(torch.float64, torch.float64, ["contiguous"] * 3, None)
     naive = run(dtype, dtype, ["contiguous"] * 3, None)
     terms = None

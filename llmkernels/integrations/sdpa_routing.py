@@ -36,8 +36,8 @@ masked give 0 (as PyTorch's math path since 2.5); a NaN in a *masked* score posi
 fused kernels; its math path adds -inf to it and spreads the NaN over the row); dropout draws a different random
 stream. Under torch.compile the router is traced like the code around it (``fullgraph=True`` works) and the
 routed call becomes the llmkernels op in the graph; the counters are not updated for compiled calls (they would
-count traces, not calls). Under autocast the router casts the inputs as PyTorch's autocast does for this op (to the autocast dtype)
-and runs the kernel with autocast off, so the output dtype matches PyTorch's.
+count traces, not calls). Under autocast the router casts the inputs as PyTorch's autocast does for this op (to the
+autocast dtype) and runs the kernel with autocast off, so the output dtype matches PyTorch's.
 """
 
 from __future__ import annotations
