@@ -4,6 +4,8 @@
 //   variant 3:    a block per row streaming the row twice (online max/sum, then the output): any N.
 // Inputs are read through their strides (16-byte loads when the row is contiguous and aligned, element by element
 // otherwise); the output is contiguous. Arithmetic in fp32, base 2 (exp2 with log2(e) folded into the scale).
+#include <cstring>
+
 #include "llmk_device.cuh"
 
 namespace llmk {
@@ -36,8 +38,11 @@ __device__ __forceinline__ void load_chunk(float (&out)[Vec<T>::N], const T* row
                                            int64_t N, bool vec) {
   constexpr int V = Vec<T>::N;
   if (vec && j0 + V <= N) {
+    // memcpy, not a pointer cast, between the 16-byte word and its elements: type punning through a cast is
+    // undefined behaviour (strict aliasing) and was seen miscompiled by a host compiler; memcpy compiles to moves.
     const uint4 raw = *reinterpret_cast<const uint4*>(row + j0);
-    const T* e = reinterpret_cast<const T*>(&raw);
+    T e[V];
+    memcpy(e, &raw, sizeof(raw));
 #pragma unroll
     for (int v = 0; v < V; ++v) out[v] = Num<T>::to_f(e[v]);
   } else {
@@ -51,10 +56,11 @@ template <typename T>
 __device__ __forceinline__ void store_chunk(T* row, int64_t j0, int64_t N, const float (&val)[Vec<T>::N], bool vec) {
   constexpr int V = Vec<T>::N;
   if (vec && j0 + V <= N) {
-    uint4 raw;
-    T* e = reinterpret_cast<T*>(&raw);
+    T e[V];
 #pragma unroll
     for (int v = 0; v < V; ++v) e[v] = Num<T>::from_f(val[v]);
+    uint4 raw;
+    memcpy(&raw, e, sizeof(raw));
     *reinterpret_cast<uint4*>(row + j0) = raw;
   } else {
 #pragma unroll

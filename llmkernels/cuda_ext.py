@@ -36,6 +36,9 @@ from ._alloc import new_output
 _module = None          # the loaded extension module
 _load_error: Optional[str] = None  # why loading failed (kept: a failed build is not retried on every call)
 _fakes_registered = False
+# The op namespace the backend functions call. tests/cuda_emulation.py registers the same host code and kernels,
+# compiled for the CPU, as "llmkernels_emu", and points this at it to run the backend without a GPU.
+OPS_NAMESPACE = "llmkernels_cuda"
 
 MAX_HEAD_DIM = 256
 _MASK_DTYPES = (torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -228,50 +231,49 @@ def attention_reasons(args) -> list:
     return reasons
 
 
-def attention_forward(q, k, v, mask, dropout_p, is_causal, scale, rng_state):
+def _ops():
     load()
+    return getattr(torch.ops, OPS_NAMESPACE)
+
+
+def attention_forward(q, k, v, mask, dropout_p, is_causal, scale, rng_state):
     out_shape, lse_shape = attention_output_shapes(q, v)
     out = new_output(out_shape, q.dtype, q.device)
     lse = new_output(lse_shape, torch.float32, q.device)
-    torch.ops.llmkernels_cuda.attention_forward(q, k, v, mask, float(dropout_p), bool(is_causal), float(scale),
-                                                rng_state, out, lse)
+    _ops().attention_forward(q, k, v, mask, float(dropout_p), bool(is_causal), float(scale), rng_state, out, lse)
     return out, lse
 
 
 def attention_backward(grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state,
                        mask_needs_grad):
-    load()
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
     dmask = None
     if mask_needs_grad:
         dmask = new_output((*q.shape[:3], k.shape[2]), torch.float32, q.device)
-    torch.ops.llmkernels_cuda.attention_backward(grad_out, q, k, v, out, lse, grad_lse, mask, float(dropout_p),
-                                                 bool(is_causal), float(scale), rng_state, dq, dk, dv, dmask)
+    _ops().attention_backward(grad_out, q, k, v, out, lse, grad_lse, mask, float(dropout_p), bool(is_causal),
+                              float(scale), rng_state, dq, dk, dv, dmask)
     return dq, dk, dv, dmask
 
 
 def masked_softmax_forward(x, mask, scale, is_causal):
-    load()
     y = new_output(x.shape, x.dtype, x.device)
-    torch.ops.llmkernels_cuda.masked_softmax_forward(x, mask, float(scale), bool(is_causal), y)
+    _ops().masked_softmax_forward(x, mask, float(scale), bool(is_causal), y)
     return y
 
 
 def masked_softmax_backward(grad_y, y, scale):
-    load()
     dx = new_output(y.shape, y.dtype, y.device)
-    torch.ops.llmkernels_cuda.masked_softmax_backward(grad_y, y, float(scale), dx)
+    _ops().masked_softmax_backward(grad_y, y, float(scale), dx)
     return dx
 
 
 def dropout_keep_mask(rng_state: torch.Tensor, shape, dropout_p: float, device) -> torch.Tensor:
     """The keep pattern (True = keep) that the CUDA attention kernels draw for rng_state = [seed, offset] on a
     (B, H, L, S) score tensor."""
-    load()
     keep = torch.empty(tuple(shape), dtype=torch.bool, device=device)
-    torch.ops.llmkernels_cuda.dropout_keep_mask(rng_state, float(dropout_p), keep)
+    _ops().dropout_keep_mask(rng_state, float(dropout_p), keep)
     return keep
 
 
