@@ -314,3 +314,31 @@ def test_dropout_needs_rng_state(device):
     q, k, v = _inputs(1, 1, 1, 4, 4, 16, 16, torch.float32, device)
     with pytest.raises(ValueError, match="rng_state"):
         triton_attention.attention_forward(q, k, v, None, 0.5, False, 0.25, None)
+
+
+@pytest.mark.parametrize("dt,dropout_p", [("fp32", 0.0), ("bf16", 0.25)])
+def test_dense_backward_fallback_matches_kernels(device, dt, dropout_p):
+    """Where every Triton backward config spills on a GPU (fp32 at head dims > 128; fp16/bf16 with dropout at head
+    dims > 128 on sm_90) the backward runs densely (_dense_backward). It must give the kernels' gradients: same
+    lse, same Philox keep pattern. Compared here with the Triton backward on a shape that runs it everywhere."""
+    dtype = DTYPES[dt]
+    B, Hq, Hkv, L, S, E, Ev = 1, 4, 2, 21, 26, 40, 24
+    q, k, v = _inputs(B, Hq, Hkv, L, S, E, Ev, dtype, device, seed=23)
+    mask = _make_mask("float", (L, S), device, torch.Generator().manual_seed(6)).expand(B, Hq, L, S)
+    gen = torch.Generator().manual_seed(3)
+    grad_out = torch.randn(B, Hq, L, Ev, generator=gen).to(device, dtype)
+    grad_lse = torch.randn(B, Hq, L, generator=gen).to(device)
+    rng = torch.tensor([987, 654], dtype=torch.int64, device=device) if dropout_p > 0 else None
+    scale = E ** -0.5
+    out, lse = triton_attention.attention_forward(q, k, v, mask, dropout_p, True, scale, rng)
+    args = (grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, True, scale, rng, True)
+    kernels = triton_attention.attention_backward(*args)
+    dense = triton_attention._dense_backward(grad_out, q, k, v, lse, grad_lse, mask, dropout_p, True, scale, rng,
+                                             True)
+    # Both compute in fp32; the kernels also round P and dS to bf16 for their matrix products (relative 2^-8 on
+    # O(1) values), the dense path does not: hence the bf16 bound.
+    tol = 2e-5 if dtype == torch.float32 else 3e-2
+    for name, a, b in zip(("dq", "dk", "dv", "dmask"), kernels, dense):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        err = (a.float() - b.float()).abs().max().item()
+        assert torch.allclose(a.float(), b.float(), rtol=tol, atol=tol), f"{name}: max difference {err}"

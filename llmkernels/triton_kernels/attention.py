@@ -12,9 +12,9 @@ Design (FlashAttention-2, Dao 2023):
   scale once, so every exponential is an ``exp2``); lse is stored in natural log for the backward. Nothing of
   size L x S is ever materialised. With ``is_causal`` the key blocks that are entirely above the diagonal are
   never visited (the loop stops at the diagonal) and only the blocks that straddle it pay for the causal test.
-- The key loop runs in two phases: blocks that need no per-element test (fully visible, fully in bounds) and
-  the few that do (the causal diagonal, the ragged last block). A constexpr flag picks the variant, so the
-  common path carries no bound or causal test.
+- The forward's (and dQ's) key loop runs in two phases: blocks that need no per-element test (fully visible,
+  fully in bounds) and the few that do (the causal diagonal, the ragged last block). A constexpr flag picks the
+  variant, so the common path carries no bound or causal test. (The register-bound dK/dV pass uses one loop.)
 - Masks are read tile by tile through their own strides (stride 0 on broadcast dims: a (L, S) mask costs one
   L x S read per (batch, head), from L2), never expanded. Optional features are constexpr flags (HAS_MASK,
   MASK_IS_BOOL, IS_CAUSAL, HAS_DROPOUT, WRITE_DMASK), so a call without them compiles to none of their code.
@@ -307,6 +307,9 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, dO_base, Lse2_base, Delta_base, m
         offs_m = start_m + offs_m0
         row_ok = offs_m < L
         start64 = tl.cast(start_m, tl.int64)
+        if HAS_DROPOUT:
+            # Drawn first: the Philox temporaries die before the dots, and only the keep bits stay live.
+            keep = _dropout_keep(seed, philox_cols[:, None], (offs_m.to(tl.int64) * S)[None, :], dropout_p)
         q = _load_rows(Q_base + start64 * stride_qm + q_offs, offs_m, L, offs_d, HEAD_DIM, BLOCK_D, CHECK)
         mask_ptrs = mask_base + start64 * stride_mask_m + mask_offs
         if CHECK:
@@ -322,8 +325,6 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, dO_base, Lse2_base, Delta_base, m
                              MASK_IS_BOOL, IS_CAUSAL, CHECK)
         p_t = tl.math.exp2(s_t - lse2[None, :])
         do = _load_rows(dO_base + start64 * stride_dom + do_offs, offs_m, L, offs_dv, HEAD_DIM_V, BLOCK_DV, CHECK)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, philox_cols[:, None], (offs_m.to(tl.int64) * S)[None, :], dropout_p)
         if DO_DV:
             if HAS_DROPOUT:
                 p_dropped_t = tl.where(keep, p_t * (1.0 / (1.0 - dropout_p)), 0.0)
@@ -355,10 +356,10 @@ def _attn_bwd_dkdv_kernel(Q, K, V, dO, Mask, RngState, Lse2, Delta, dK, dV,
     """dK, dV of one key block of one kv head. GQA: the GROUP query heads that read this kv head are summed here,
     in registers, in a fixed order; K/V are never repeated in memory.
 
-    DO_DK / DO_DV: which of the two this launch computes. Both at once (one pass) up to head dim 128; above that
-    the two fp32 accumulators of BLOCK_N x 256 do not fit the register file next to everything else (they spill
-    in every config, static compile check), so the host runs the kernel twice, once per gradient, recomputing
-    the scores: the dV launch skips dP and dS, the dK launch skips P^T dO."""
+    DO_DK / DO_DV: which of the two this launch computes. Both at once (one pass) up to head dim 128 (64 for
+    fp32); above that the two fp32 accumulators of BLOCK_N x head-dim do not fit the register file next to
+    everything else (they spill in every config, static compile check), so the host runs the kernel twice, once
+    per gradient, recomputing the scores: the dV launch skips dP and dS, the dK launch skips P^T dO."""
     num_n_blocks = tl.cdiv(S, BLOCK_N)
     pid = tl.program_id(0)
     b_kvh = pid // num_n_blocks
@@ -586,51 +587,66 @@ def _cfg(block_m, block_n, warps, stages):
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
-# (arch family, kernel) -> {"half" | "fp32": {head-dim bucket: [configs]}}. Buckets: 64 covers head dims 1-64.
-# Forward: BLOCK_M query rows held, BLOCK_N keys streamed. dK/dV: BLOCK_N keys held, BLOCK_M queries streamed.
-# dQ: as the forward.
-_CONFIGS = {
-    (90, "fwd"): {
-        "half": {64: [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3)],
-                 128: [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3)],
-                 256: [_cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2)]},
-        "fp32": {64: [_cfg(64, 64, 4, 2)], 128: [_cfg(64, 32, 4, 2)], 256: [_cfg(64, 32, 8, 1)]},
-    },
-    (80, "fwd"): {
-        "half": {64: [_cfg(128, 64, 4, 3), _cfg(64, 64, 4, 3)],
-                 128: [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)],
-                 256: [_cfg(64, 64, 4, 2), _cfg(128, 32, 8, 2)]},
-        "fp32": {64: [_cfg(64, 64, 4, 2)], 128: [_cfg(64, 32, 4, 2)], 256: [_cfg(64, 32, 8, 1)]},
-    },
-    (90, "dkdv"): {
-        "half": {64: [_cfg(64, 128, 8, 2), _cfg(32, 64, 4, 3)],
-                 128: [_cfg(64, 128, 8, 2), _cfg(32, 64, 4, 2)],
-                 256: [_cfg(32, 64, 8, 1)]},
-        "fp32": {64: [_cfg(32, 64, 4, 2)], 128: [_cfg(32, 64, 4, 1)], 256: [_cfg(32, 32, 8, 1)]},
-    },
-    (80, "dkdv"): {
-        "half": {64: [_cfg(64, 128, 8, 2), _cfg(32, 64, 4, 3)],
-                 128: [_cfg(64, 64, 8, 2), _cfg(32, 64, 4, 2)],
-                 256: [_cfg(32, 64, 8, 1)]},
-        "fp32": {64: [_cfg(32, 64, 4, 2)], 128: [_cfg(32, 64, 4, 1)], 256: [_cfg(32, 32, 8, 1)]},
-    },
-    (90, "dq"): {
-        "half": {64: [_cfg(128, 64, 8, 2), _cfg(64, 32, 4, 3)],
-                 128: [_cfg(128, 64, 8, 2), _cfg(64, 32, 4, 2)],
-                 256: [_cfg(64, 32, 8, 1)]},
-        "fp32": {64: [_cfg(64, 32, 4, 2)], 128: [_cfg(64, 32, 4, 1)], 256: [_cfg(32, 32, 8, 1)]},
-    },
-    (80, "dq"): {
-        "half": {64: [_cfg(128, 64, 8, 2), _cfg(64, 32, 4, 3)],
-                 128: [_cfg(64, 64, 8, 2), _cfg(64, 32, 4, 2)],
-                 256: [_cfg(64, 32, 8, 1)]},
-        "fp32": {64: [_cfg(64, 32, 4, 2)], 128: [_cfg(64, 32, 4, 1)], 256: [_cfg(32, 32, 8, 1)]},
-    },
-}
+# (arch family, kernel) -> precision ("half": fp16/bf16, "fp32") -> head-dim bucket (64 covers 1-64) ->
+# variant ("base": no dropout; "dropout": the Philox draw per score costs extra live registers, so those calls
+# get smaller tiles) -> configs. Forward and dQ: BLOCK_M query rows held, BLOCK_N keys streamed. dK/dV: BLOCK_N
+# keys held, BLOCK_M queries streamed. Every entry compiles without spills and within shared memory for the
+# heaviest flags of its variant (causal + additive mask [+ dropout]; static compile check). None: no config of
+# the backward compiles without spills, and the backward of such calls runs densely (see _dense_backward).
+def _table(d64, d128, d256):
+    return {64: d64, 128: d128, 256: d256}
 
-# Configs measured to spill or not fit, per arch: (arch, kernel, precision, bucket, BLOCK_M, BLOCK_N, warps, stages,
-# reason). Filled from the static compile check; never offered to the autotuner.
-_EXCLUDED = []
+
+def _variants(base, dropout=None):
+    return {"base": base, "dropout": base if dropout is None else dropout}
+
+
+_HALF_SM90 = {
+    "fwd": _table(_variants([_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)], [_cfg(128, 64, 8, 2), _cfg(64, 32, 4, 2)]),
+                  _variants([_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)], [_cfg(64, 32, 8, 2), _cfg(64, 64, 8, 2)]),
+                  _variants([_cfg(128, 32, 8, 2), _cfg(64, 32, 8, 2)], [_cfg(64, 32, 8, 2), _cfg(64, 16, 8, 2)])),
+    "dkdv": _table(_variants([_cfg(32, 64, 4, 2), _cfg(32, 128, 8, 2)], [_cfg(16, 64, 4, 2)]),
+                   _variants([_cfg(32, 64, 8, 2), _cfg(16, 64, 8, 2)], [_cfg(16, 64, 8, 2), _cfg(16, 64, 8, 1)]),
+                   {"base": [_cfg(16, 64, 8, 2)], "dropout": None}),
+    "dq": _table(_variants([_cfg(128, 64, 8, 2), _cfg(64, 32, 4, 2)], [_cfg(64, 32, 4, 2), _cfg(128, 32, 8, 2)]),
+                 _variants([_cfg(128, 32, 8, 2), _cfg(64, 32, 4, 2)], [_cfg(64, 16, 4, 2), _cfg(64, 32, 8, 2)]),
+                 _variants([_cfg(64, 16, 8, 2)])),
+}
+# sm_80 (mma.sync, 64K registers as on sm_90 but no wgmma): a few sm_90 tiles spill there and are replaced.
+_HALF_SM80 = {
+    "fwd": _table(_HALF_SM90["fwd"][64],
+                  _variants([_cfg(128, 32, 8, 2), _cfg(64, 32, 4, 3)], [_cfg(64, 32, 8, 2), _cfg(64, 64, 8, 2)]),
+                  _variants([_cfg(64, 32, 8, 2)], [_cfg(64, 32, 8, 2), _cfg(64, 16, 8, 2)])),
+    "dkdv": _table(_variants([_cfg(16, 64, 4, 2), _cfg(32, 64, 8, 2)], [_cfg(16, 64, 4, 2)]),
+                   _HALF_SM90["dkdv"][128],
+                   _variants([_cfg(16, 64, 8, 2)])),
+    "dq": _table(_variants([_cfg(128, 32, 8, 2), _cfg(64, 32, 4, 2)], [_cfg(64, 32, 4, 2), _cfg(128, 32, 8, 2)]),
+                 _HALF_SM90["dq"][128], _HALF_SM90["dq"][256]),
+}
+# IEEE fp32 products run on the FMA units with whole operand rows in registers: small tiles only, and at head
+# dims above 128 every backward tile spills (the rows are 256 long), so that backward runs densely.
+_FP32 = {
+    "fwd": _table(_variants([_cfg(32, 32, 8, 1)]), _variants([_cfg(32, 16, 4, 1)]), _variants([_cfg(16, 16, 4, 1)])),
+    "dkdv": _table(_variants([_cfg(16, 32, 8, 1)]), _variants([_cfg(16, 16, 8, 1)]), _variants(None)),
+    "dq": _table(_variants([_cfg(32, 16, 8, 1)]), _variants([_cfg(16, 16, 8, 1)]), _variants(None)),
+}
+_CONFIGS = {90: {"half": _HALF_SM90, "fp32": _FP32}, 80: {"half": _HALF_SM80, "fp32": _FP32}}
+
+# Configs the static check showed spilling where no alternative exists: (arch family, config, reason).
+_EXCLUDED = [
+    (arch, f"attn_dkdv/attn_dq fp32 head dim 129-256, every tile down to 16x16 (w4-w16)",
+     "spills 0.3-2.5 KB: IEEE fp32 dots hold 256-long operand rows per thread; the backward of these calls "
+     "runs densely in PyTorch (_dense_backward) instead") for arch in (80, 90)
+] + [
+    (90, "attn_dkdv dK fp16/bf16 head dim 129-256 with dropout, M16 N64 w8 s1-s3 (and M32 N64 w8)",
+     "spills 24-200 B on sm_90 (wgmma needs 64-row key blocks; 64 x 256 fp32 dK plus the Philox draw exceed the "
+     "registers); the backward of these calls runs densely in PyTorch (_dense_backward) instead"),
+    (90, "attn_fwd fp16/bf16 head dim 64, M128 N128 w8 s3", "241 KiB shared memory > 227 KiB"),
+    (80, "attn_fwd fp16/bf16 head dim 128, M128 N64 w8 s3 and M64 N64 w4 s3", "spill 40-48 B on sm_80"),
+    (80, "attn_fwd fp16/bf16 head dim 256, M128 N32 w8 s2", "spills 208 B on sm_80"),
+    (80, "attn_dkdv fp16/bf16 head dim 64, M32 N64 w4 s2 and M32 N128 w8 s2", "spill 8-24 B on sm_80"),
+    (80, "attn_dq fp16/bf16 head dim 64, M128 N64 w8 s2", "spills 48 B on sm_80"),
+]
 
 PREPROCESS_BLOCK_M = 64
 
@@ -647,16 +663,18 @@ def _arch_family(arch: int) -> int:
     return 90 if arch >= 90 else 80
 
 
-def _configs_for(arch: int, kernel: str, precision: str, bucket: int) -> list:
-    return _CONFIGS[(_arch_family(arch), kernel)][precision][bucket]
+def _configs_for(arch: int, kernel: str, precision: str, bucket: int, variant: str):
+    """The configs offered, or None where that backward runs densely (no spill-free config)."""
+    return _CONFIGS[_arch_family(arch)][precision][kernel][bucket][variant]
 
 
 def _all_configs(arch: int, kernel: str) -> list:
     """Every config of the kernel on this arch (the autotuner's list, before pruning by head dim and dtype)."""
     seen = []
-    for per_bucket in _CONFIGS[(_arch_family(arch), kernel)].values():
-        for configs in per_bucket.values():
-            seen.extend(c for c in configs if c not in seen)
+    for per_kernel in _CONFIGS[_arch_family(arch)].values():
+        for per_variant in per_kernel[kernel].values():
+            for configs in per_variant.values():
+                seen.extend(c for c in (configs or []) if _config_key(c) not in {_config_key(x) for x in seen})
     return seen
 
 
@@ -675,7 +693,9 @@ def _make_prune(arch: int, kernel: str):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         bucket = _head_bucket(max(args["BLOCK_D"], args["BLOCK_DV"]))
-        wanted = {_config_key(c) for c in _configs_for(arch, kernel, _precision_class(args["Q"].dtype), bucket)}
+        variant = "dropout" if args["HAS_DROPOUT"] else "base"
+        wanted = {_config_key(c)
+                  for c in _configs_for(arch, kernel, _precision_class(args["Q"].dtype), bucket, variant)}
         return [c for c in configs if _config_key(c) in wanted]
     return prune
 
@@ -714,6 +734,12 @@ def _launch(kernel, total_rows_fn, *args, **constexprs):
 
 # --------------------------------------------------------------------------------------------------------------
 # Host launchers (the backend interface of contract.py / dispatch.py)
+
+
+def _split_dkdv(block_d: int, dtype) -> bool:
+    """Whether dK and dV take one launch each (see _attn_bwd_dkdv_kernel): above head dim 128 for fp16/bf16, above
+    64 for fp32, whose IEEE products run on FMA units with operand tiles held in registers."""
+    return block_d > (64 if dtype in (torch.float32, tl.float32) else 128)
 
 
 def _block(dim: int) -> int:
@@ -770,11 +796,72 @@ def attention_forward(q, k, v, mask, dropout_p: float, is_causal: bool, scale: f
     return out, lse
 
 
+def _needs_dense_backward(q, E, Ev, dropout_p) -> bool:
+    """On a GPU, whether no spill-free Triton config exists for this backward (see _CONFIGS and _EXCLUDED)."""
+    arch = 0 if q.device.type != "cuda" else _device_arch()
+    if arch == 0:
+        return False
+    bucket = _head_bucket(max(_block(E), _block(Ev)))
+    variant = "dropout" if dropout_p > 0.0 else "base"
+    precision = _precision_class(q.dtype)
+    return any(_configs_for(arch, kernel, precision, bucket, variant) is None for kernel in ("dkdv", "dq"))
+
+
+def _dense_backward(grad_out, q, k, v, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state,
+                    mask_needs_grad):
+    """The same backward in dense PyTorch, in fp32, from our forward's lse and our Philox keep pattern.
+
+    Used only where every Triton config of the backward spills (fp32 at head dims above 128; fp16/bf16 with
+    dropout at head dims above 128 on sm_90): it materialises L x S per (batch, head), so it is a correctness
+    fallback for rare shapes, not a fast path.
+    """
+    B, Hq, L, E = q.shape
+    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    group = Hq // Hkv
+    f32 = torch.float32
+    keys = k.to(f32).repeat_interleave(group, dim=1)
+    values = v.to(f32).repeat_interleave(group, dim=1)
+    scores = torch.einsum("bhld,bhsd->bhls", q.to(f32), keys) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(f32)
+    if is_causal:
+        visible = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~visible, float("-inf"))
+    # Fully masked rows have lse = -inf: subtracting +inf makes their weights 0 (as in the kernels).
+    lse_safe = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
+    p = torch.exp(scores - lse_safe.unsqueeze(-1))
+    d_out = grad_out.to(f32)
+    dp = torch.einsum("bhld,bhsd->bhls", d_out, values)
+    p_dropped = p
+    if dropout_p > 0.0:
+        keep = dropout_keep_mask(rng_state, B, Hq, L, S, dropout_p, q.device).to(f32) / (1.0 - dropout_p)
+        p_dropped, dp = p * keep, dp * keep
+    delta = (p * dp).sum(dim=-1, keepdim=True)
+    if grad_lse is not None:
+        delta = delta - grad_lse.to(f32).unsqueeze(-1)
+    ds = p * (dp - delta)
+    results = (
+        torch.einsum("bhls,bhsd->bhld", ds, keys) * scale,
+        (torch.einsum("bhls,bhld->bhsd", ds, q.to(f32)) * scale).view(B, Hkv, group, S, E).sum(2),
+        torch.einsum("bhls,bhld->bhsd", p_dropped, d_out).view(B, Hkv, group, S, Ev).sum(2),
+    )
+    outputs = []
+    for value, like in zip(results, (q, k, v)):
+        outputs.append(_alloc.new_output(like.shape, like.dtype, like.device).copy_(value))
+    dmask = None
+    if mask_needs_grad and mask is not None:
+        dmask = _alloc.new_output((B, Hq, L, S), f32, q.device).copy_(ds)
+    return (*outputs, dmask)
+
+
 def attention_backward(grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state,
                        mask_needs_grad):
     """FlashAttention-2 backward: (dq, dk, dv, dmask); dmask (B, Hq, L, S) fp32 = dS when mask_needs_grad."""
     B, Hq, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    if _needs_dense_backward(q, E, Ev, dropout_p):
+        return _dense_backward(grad_out, q, k, v, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state,
+                               mask_needs_grad)
     dev = q.device
     lse = lse.contiguous()  # our own forward output: already contiguous, so no copy
     delta = torch.empty((B, Hq, L), dtype=torch.float32, device=dev)
@@ -799,8 +886,7 @@ def attention_backward(grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, i
                   MASK_IS_BOOL=mask_is_bool, HAS_DROPOUT=rng is not None, DOT_PRECISION=_dot_precision(q.dtype),
                   BLOCK_D=_block(E), BLOCK_DV=_block(Ev))
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *mask_strides)
-    # Head dims above 128: dV and dK in two launches (see _attn_bwd_dkdv_kernel); otherwise one.
-    split = max(_block(E), _block(Ev)) > 128
+    split = _split_dkdv(max(_block(E), _block(Ev)), q.dtype)
     for do_dk, do_dv in (((False, True), (True, False)) if split else ((True, True),)):
         _launch(_attn_bwd_dkdv, lambda meta: triton.cdiv(S, meta["BLOCK_N"]) * B * Hkv,
                 q, k, v, grad_out, mask_t, rng_t, lse2, delta, dk, dv, *strides,
@@ -863,13 +949,11 @@ def _spec(name, fn, args: dict, cfg, expect_mma: bool):
 # variant without the divisibility hints for other lengths; it has the same tiles and register budget).
 _SPEC_B, _SPEC_H, _SPEC_L = 2, 16, 4096
 
-# Flag combinations compiled for each config: the plain path (the fast path, no optional code) and the heaviest
-# one (causal + additive float mask + dropout, plus the mask gradient in dQ), which bounds register pressure.
+# Flags each variant's configs are compiled with: the heaviest code of that variant (the causal diagonal, an
+# additive fp32 mask and, in dQ, the mask gradient), which bounds the register pressure of its lighter calls.
 _FLAG_SETS = {
-    "plain": dict(IS_CAUSAL=False, HAS_MASK=False, MASK_IS_BOOL=False, HAS_DROPOUT=False),
-    "causal+fmask+dropout": dict(IS_CAUSAL=True, HAS_MASK=True, MASK_IS_BOOL=False, HAS_DROPOUT=True),
-    "causal": dict(IS_CAUSAL=True, HAS_MASK=False, MASK_IS_BOOL=False, HAS_DROPOUT=False),
-    "causal+fmask": dict(IS_CAUSAL=True, HAS_MASK=True, MASK_IS_BOOL=False, HAS_DROPOUT=False),
+    "base": dict(IS_CAUSAL=True, HAS_MASK=True, MASK_IS_BOOL=False, HAS_DROPOUT=False),
+    "dropout": dict(IS_CAUSAL=True, HAS_MASK=True, MASK_IS_BOOL=False, HAS_DROPOUT=True),
 }
 
 
@@ -885,7 +969,8 @@ def _common_args(dtype, head_dim, flags):
     for suffix, value in zip(("b", "h", "m", "n"), mask_strides):
         names[f"stride_mask_{suffix}"] = value
     names.update(Q=dt, K=dt, V=dt, Out=dt, dO=dt, dQ=dt, dK=dt, dV=dt,
-                 Mask="*fp32" if flags.get("HAS_MASK") else dt, RngState="*i64" if flags.get("HAS_DROPOUT") else "*fp32",
+                 Mask="*fp32" if flags.get("HAS_MASK") else dt,
+                 RngState="*i64" if flags.get("HAS_DROPOUT") else "*fp32",
                  Lse="*fp32", Lse2="*fp32", Delta="*fp32", dMask="*fp32" if flags.get("WRITE_DMASK") else dt,
                  Hq=H, Hkv=H // 2, L=L, S=L, GROUP=2, scale=0.1, dropout_p=0.1, L_BUCKET=L, S_BUCKET=L,
                  HEAD_DIM=D, HEAD_DIM_V=D, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
@@ -897,32 +982,40 @@ _KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_
 
 
 def compile_specs(arch: int) -> list:
-    """Every (kernel, dtype, head-dim bucket, config) the autotuner can pick on sm_<arch>, each with the plain
-    and the heaviest flag set, plus the preprocess kernel. Head dims below 64 share the 64 bucket's configs and
-    are compiled at 64 (the largest tiles of that bucket); E != Ev picks the bucket of the larger one."""
+    """Every (kernel, dtype, head-dim bucket, variant, config) the autotuner can pick on sm_<arch>, compiled with
+    the heaviest flags of its variant, plus the preprocess kernel. Head dims below 64 share the 64 bucket and are
+    compiled at 64 (its largest tiles); E != Ev takes the bucket of the larger. Where dK and dV are split
+    (_split_dkdv), each of the two launches is a spec. fp32 has one config list for both variants, compiled with
+    dropout."""
     specs = []
     for kernel, fn in _KERNELS.items():
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             precision = _precision_class(dtype)
+            variants = ("dropout",) if precision == "fp32" else ("base", "dropout")
             for bucket in (64, 128, 256):
-                for cfg in _configs_for(arch, kernel, precision, bucket):
-                    for flag_name, flags in _FLAG_SETS.items():
-                        flags = dict(flags)
-                        if kernel == "dq":
-                            flags["WRITE_DMASK"] = flags["HAS_MASK"]
-                        args = _common_args(dtype, bucket, flags)
-                        args.update(BLOCK_M=cfg.kwargs["BLOCK_M"], BLOCK_N=cfg.kwargs["BLOCK_N"])
-                        name = (f"attn_{kernel} {_TRITON_DTYPE[dtype]} d{bucket} {flag_name} "
-                                f"M{cfg.kwargs['BLOCK_M']} N{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} "
-                                f"s{cfg.num_stages}")
-                        specs.append(_spec(name, fn, args, cfg, expect_mma=dtype != torch.float32))
+                parts = [(True, True)]
+                if kernel == "dkdv" and _split_dkdv(bucket, dtype):
+                    parts = [(True, False), (False, True)]
+                for variant in variants:
+                    for cfg in _configs_for(arch, kernel, precision, bucket, variant) or []:
+                        for do_dk, do_dv in parts:
+                            flags = dict(_FLAG_SETS[variant])
+                            if kernel == "dq":
+                                flags["WRITE_DMASK"] = True
+                            args = _common_args(dtype, bucket, flags)
+                            args.update(BLOCK_M=cfg.kwargs["BLOCK_M"], BLOCK_N=cfg.kwargs["BLOCK_N"], DO_DK=do_dk,
+                                        DO_DV=do_dv)
+                            part = "" if (do_dk and do_dv) else (" dK" if do_dk else " dV")
+                            name = (f"attn_{kernel}{part} {_TRITON_DTYPE[dtype]} d{bucket} {variant} "
+                                    f"M{cfg.kwargs['BLOCK_M']} N{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} "
+                                    f"s{cfg.num_stages}")
+                            specs.append(_spec(name, fn, args, cfg, expect_mma=dtype != torch.float32))
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        for bucket in (64, 128, 256):
-            args = _common_args(dtype, bucket, dict(HAS_GRAD_LSE=True))
-            args.update(stride_glb=_SPEC_H * _SPEC_L, stride_glh=_SPEC_L, stride_glm=1, GradLse="*fp32",
-                        BLOCK_M=PREPROCESS_BLOCK_M)
-            specs.append(_spec(f"attn_bwd_preprocess {_TRITON_DTYPE[dtype]} d{bucket}", _attn_bwd_preprocess_kernel,
-                               args, triton.Config({}, num_warps=4, num_stages=1), expect_mma=False))
+        args = _common_args(dtype, 256, dict(HAS_GRAD_LSE=True))
+        args.update(stride_glb=_SPEC_H * _SPEC_L, stride_glh=_SPEC_L, stride_glm=1, GradLse="*fp32",
+                    BLOCK_M=PREPROCESS_BLOCK_M)
+        specs.append(_spec(f"attn_bwd_preprocess {_TRITON_DTYPE[dtype]} d256", _attn_bwd_preprocess_kernel,
+                           args, triton.Config({}, num_warps=4, num_stages=1), expect_mma=False))
     return specs
 
 
