@@ -37,6 +37,9 @@ class CompileSpec:
     num_stages: int
     expect_mma: bool = False
     options: dict = field(default_factory=dict)
+    # Argument attributes the JIT would derive at launch, e.g. {(0,): [["tt.divisibility", 16]]} for a 16-byte
+    # aligned pointer or a stride that is a multiple of 16 (they enable vectorised loads, so they change codegen).
+    attrs: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -94,7 +97,8 @@ def compile_spec(spec: CompileSpec, arch: int) -> CompileReport:
 
     report = CompileReport(spec.name, arch, ok=False, expect_mma=spec.expect_mma)
     try:
-        src = ASTSource(fn=spec.fn, signature=dict(spec.signature), constexprs=dict(spec.constexprs))
+        src = ASTSource(fn=spec.fn, signature=dict(spec.signature), constexprs=dict(spec.constexprs),
+                        attrs=dict(spec.attrs) or None)
         options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages, **spec.options}
         kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     except Exception as exc:  # a config that does not compile is a finding, reported per config
