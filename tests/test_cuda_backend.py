@@ -200,6 +200,8 @@ def target(request, ext, monkeypatch):
         if not HAS_GPU:
             pytest.skip("needs a CUDA GPU (the CUDA kernels cannot run on CPU); the emulated variant ran instead")
         return "cuda"
+    if HAS_GPU:
+        pytest.skip("a GPU is present: the real kernels are tested (the gpu variant) instead of the emulation")
     request.getfixturevalue("emulation")
     monkeypatch.setattr(cuda_ext, "OPS_NAMESPACE", "llmkernels_emu")
     monkeypatch.setattr(dispatch.CudaBackend, "attention_reasons", lambda self, a: [])
