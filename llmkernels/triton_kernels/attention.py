@@ -32,7 +32,7 @@ Design (FlashAttention-2, Dao 2023):
 
 from __future__ import annotations
 
-import math
+import functools
 import os
 
 import torch
@@ -44,8 +44,8 @@ from .. import _alloc
 # Decided once at import, like Triton itself decides whether @triton.jit makes interpreter functions.
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
-LN2 = 0.6931471805599453  # ln(2): ln(x) = log2(x) * ln(2)
+# The kernels write log2(e) = 1.4426950408889634 (exp(x) = exp2(x * log2(e))) and ln(2) = 0.6931471805599453
+# (ln(x) = log2(x) * ln(2)) as literals: plain Python globals are not constants inside @triton.jit code.
 
 # --------------------------------------------------------------------------------------------------------------
 # Shared helpers
@@ -678,6 +678,7 @@ def _all_configs(arch: int, kernel: str) -> list:
     return seen
 
 
+@functools.lru_cache(maxsize=None)
 def _device_arch() -> int:
     if INTERPRETING or not torch.cuda.is_available():
         return 0
