@@ -114,8 +114,13 @@ CASES = [
     (1, 2, 1, 1, 16, 16, "fp32", None, None, False, None),
     (1, 1, 1, 1, 1, 1, "fp16", None, None, True, None),
     (1, 2, 17, 17, 32, 32, "fp16", None, None, True, None),
-    (1, 1, 128, 129, 64, 64, "bf16", None, None, False, None),
-    (1, 1, 129, 128, 72, 72, "fp16", "float", "LS", False, None),
+    (2, 2, 128, 129, 64, 64, "bf16", None, None, False, None),
+    (1, 3, 129, 128, 72, 72, "fp16", "float", "LS", False, None),
+    (1, 1, 300, 300, 64, 64, "bf16", "float", "LS", True, None),
+    (1, 2, 1, 300, 112, 112, "fp16", "bool", "1H1S", False, None),
+    (1, 2, 17, 1, 32, 16, "bf16", "float", "LS", False, None),
+    (2, 2, 31, 64, 96, 96, "fp16", "bool", "1H1S", True, 0.5),
+    (1, 2, 45, 77, 192, 160, "fp32", None, None, True, None),
     (1, 2, 300, 17, 80, 80, "fp32", "bool", "B1LS", True, None),
     (1, 2, 17, 300, 96, 96, "bf16", "float", "1H1S", True, None),
     (2, 1, 33, 47, 40, 24, "bf16", "float", "B1LS", True, 0.3),
@@ -342,3 +347,17 @@ def test_dense_backward_fallback_matches_kernels(device, dt, dropout_p):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         err = (a.float() - b.float()).abs().max().item()
         assert torch.allclose(a.float(), b.float(), rtol=tol, atol=tol), f"{name}: max difference {err}"
+
+
+def test_fp32_dot_precision_follows_allow_tf32():
+    """fp32 inputs use IEEE fp32 products unless the user allowed TF32 for matmuls; half types are unaffected."""
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        assert triton_attention._dot_precision(torch.float32) == "ieee"
+        matmul.allow_tf32 = True
+        assert triton_attention._dot_precision(torch.float32) == "tf32"
+        assert triton_attention._dot_precision(torch.bfloat16) == "tf32"
+    finally:
+        matmul.allow_tf32 = previous
