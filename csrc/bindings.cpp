@@ -115,7 +115,8 @@ AttnInputs check_attention_inputs(const Tensor& q, const Tensor& k, const Tensor
   check_cuda(k, "k", q);
   check_cuda(v, "v", q);
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
-              "llmkernels_cuda: q, k, v must be 4-D (B, H, L, E), got ", q.dim(), ", ", k.dim(), ", ", v.dim(), " dims");
+              "llmkernels_cuda: q, k, v must be 4-D (B, H, L, E), got ", q.dim(), ", ", k.dim(), ", ", v.dim(),
+              " dims");
   const int dtype = dtype_code(q, "q");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "llmkernels_cuda: q, k, v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",

@@ -22,9 +22,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from pathlib import Path
-
-import torch
 
 from llmkernels import cuda_build
 
@@ -127,7 +124,9 @@ void launch(void (*kernel)(P), unsigned grid, int threads, int smem, cudaStream_
     g_bid = uint3{bx, 0, 0};
     std::memset(dyn_smem, 0xff, sizeof(dyn_smem));
     std::vector<std::thread> ts;
-    for (int t = 0; t < threads; ++t) ts.emplace_back([&, t] { t_tid = uint3{static_cast<unsigned>(t), 0, 0}; kernel(p); });
+    for (int t = 0; t < threads; ++t) {
+      ts.emplace_back([&, t] { t_tid = uint3{static_cast<unsigned>(t), 0, 0}; kernel(p); });
+    }
     for (auto& th : ts) th.join();
   }
 }

@@ -104,7 +104,8 @@ def _expected_kernels() -> set:
     names = set()
     for t in ("__half", "__nv_bfloat16", "float"):
         for d in (64, 128, 256):
-            names |= {f"void attn_fwd_kernel<{t}, {d}>(AttnFwdParams)", f"void attn_bwd_kernel<{t}, {d}>(AttnBwdParams)"}
+            names.add(f"void attn_fwd_kernel<{t}, {d}>(AttnFwdParams)")
+            names.add(f"void attn_bwd_kernel<{t}, {d}>(AttnBwdParams)")
         names.add(f"void attn_bwd_delta_kernel<{t}>(AttnDeltaParams)")
         for direction, P in (("fwd", "SoftmaxFwdParams"), ("bwd", "SoftmaxBwdParams")):
             names |= {f"void softmax_{direction}_regs_kernel<{t}, {tpr}, {ept}>({P})"
