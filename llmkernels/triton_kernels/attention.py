@@ -25,9 +25,14 @@ Design (FlashAttention-2, Dao 2023):
   Separate passes rather than atomics for dQ: every output element is owned by one program and summed in a fixed
   order, so the backward is deterministic (bitwise identical run to run) with no extra switch, and repeated
   autotuning runs overwrite rather than accumulate. The price is recomputing Q K^T and dO V^T in the dQ pass.
-- Dropout: the keep pattern is regenerated from Philox (``tl.rand(seed, offset)``) wherever it is needed, with
-  the 64-bit offset ``base + ((b * Hq + h) * L + i) * S + j``; nothing is stored. Kept weights are scaled by
-  1 / (1 - p). ``dropout_keep_mask`` runs the same helper to hand the exact pattern to tests.
+  Above head dim 128 (64 for fp32) dK and dV take one launch each, so only one fp32 accumulator is live.
+- Launch configs come from the static compile check (no spills, shared memory within limits, wgmma on sm_90).
+  Where no backward config is spill-free on a GPU (fp32 at head dims > 128; fp16/bf16 with dropout at head dims
+  > 128 on sm_90) that backward runs densely in PyTorch (``_dense_backward``, same lse and keep pattern).
+- Dropout: the keep pattern is regenerated from Philox (``tl.rand(seed, offset)``, spelled out in
+  ``_dropout_keep`` so the stream is the same on every Triton version) wherever it is needed, with the 64-bit
+  offset ``base + ((b * Hq + h) * L + i) * S + j``; nothing is stored. Kept weights are scaled by 1 / (1 - p).
+  ``dropout_keep_mask`` runs the same helper to hand the exact pattern to tests.
 """
 
 from __future__ import annotations
@@ -634,7 +639,7 @@ _CONFIGS = {90: {"half": _HALF_SM90, "fp32": _FP32}, 80: {"half": _HALF_SM80, "f
 
 # Configs the static check showed spilling where no alternative exists: (arch family, config, reason).
 _EXCLUDED = [
-    (arch, f"attn_dkdv/attn_dq fp32 head dim 129-256, every tile down to 16x16 (w4-w16)",
+    (arch, "attn_dkdv/attn_dq fp32 head dim 129-256, every tile down to 16x16 (w4-w16)",
      "spills 0.3-2.5 KB: IEEE fp32 dots hold 256-long operand rows per thread; the backward of these calls "
      "runs densely in PyTorch (_dense_backward) instead") for arch in (80, 90)
 ] + [
@@ -948,7 +953,7 @@ def _spec(name, fn, args: dict, cfg, expect_mma: bool):
 
 # Shape the specs are compiled for: contiguous (B, H, L, D) tensors, L and S multiples of 16 (the JIT makes a
 # variant without the divisibility hints for other lengths; it has the same tiles and register budget).
-_SPEC_B, _SPEC_H, _SPEC_L = 2, 16, 4096
+_SPEC_H, _SPEC_L = 16, 4096
 
 # Flags each variant's configs are compiled with: the heaviest code of that variant (the causal diagonal, an
 # additive fp32 mask and, in dQ, the mask gradient), which bounds the register pressure of its lighter calls.
@@ -960,7 +965,7 @@ _FLAG_SETS = {
 
 def _common_args(dtype, head_dim, flags):
     dt = "*" + _TRITON_DTYPE[dtype]
-    B, H, L, D = _SPEC_B, _SPEC_H, _SPEC_L, head_dim
+    H, L, D = _SPEC_H, _SPEC_L, head_dim
     t_strides = (H * L * D, L * D, D, 1)
     names = {}
     for prefix in ("q", "k", "v", "o", "do"):
