@@ -194,8 +194,10 @@ def _softmax_backward_rule(ctx, grad_y):
     dx = masked_softmax_backward(grad_y, y, ctx.scale, ctx.backend)
     dmask = None
     if ctx.needs_input_grad[1]:
-        # d(softmax(scale * x + mask)) / d mask is the gradient of the logits: the same kernel with scale 1.
-        dmask = masked_softmax_backward(grad_y, y, 1.0, ctx.backend).to(ctx.mask_dtype)
+        # d(softmax(scale * x + mask)) / d mask is the gradient of the logits: the same kernel with scale 1,
+        # fed in fp32 so that a float32 mask's gradient (summed over its broadcast dims by autograd) is not
+        # rounded to a half-precision input's dtype first.
+        dmask = masked_softmax_backward(grad_y.float(), y.float(), 1.0, ctx.backend).to(ctx.mask_dtype)
     return dx, dmask, None, None, None
 
 

@@ -6,7 +6,6 @@ of examples, ``derandomize=True`` so a CI run draws the same examples every time
 failure prints the blob that replays it (``@reproduce_failure``).
 """
 
-import math
 
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -15,7 +14,7 @@ from hypothesis import strategies as st
 import llmkernels
 from llmkernels import reference
 from runnable import default_dispatch
-from tolerance import FLOOR, max_err
+from tolerance import assert_by_rule
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -23,42 +22,6 @@ SETTINGS = dict(deadline=None, derandomize=True, print_blob=True,
                 # The only function-scoped fixture is conftest's autouse NaN poisoning, which sets global state
                 # that is the same for every example; sharing it across examples is intended.
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-
-
-def _ulp(x: float, dtype: torch.dtype) -> float:
-    """The spacing of ``dtype`` values at magnitude x."""
-    info = torch.finfo(dtype)
-    return info.eps * 2.0 ** math.floor(math.log2(max(abs(x), info.tiny)))
-
-
-def assert_close_by_rule(name, ours, ref64, naive, dtype, terms=None, term_dtype=None):
-    """TESTING.md's rule, ``max|ours - ref| <= 2 * max|naive - ref| + eps``, with eps as FlashAttention's tests
-    take it: ``2 * max|(x + 0.3) - 0.3 - x|`` in the dtype over the reference tensor, which over many elements
-    is one ulp of the dtype at ``max|ref| + 0.3``; we use that limit so a single element does not make it luck.
-    tolerance.py's floor applies too, if larger.
-
-    Why not tolerance.py's floor alone: it is ``FLOOR[dtype] * max(1, |ref|)``, below one ulp of fp16/bf16 for
-    values in [0.125, 1). Random shapes here include tiny reductions (S = 1..3, head dim 1) where the naive
-    low-precision result can land within a fraction of an ulp by luck, and the bound would then demand better
-    than the dtype resolves. Seen: fp16, L=1, S=3, E=1: dq = 0.4046, naive error 6.5e-5, bound 2.3e-4, kernel
-    error 5.5e-4 = exactly what FlashAttention-2's delta = rowsum(dO * O) gives with O stored in fp16 (the design
-    of every FA2 kernel, PyTorch's included). On realistic shapes the naive error dominates and eps is moot.
-
-    ``terms``: for a gradient that is a sum over broadcast dims (a broadcast mask's), the sum of the magnitudes of
-    the summed per-element terms (float64). Each term carries the rounding of ``term_dtype``, and such sums cancel
-    (a mask broadcast along the softmax row has gradient exactly 0), so eps also covers
-    ``2 * finfo(term_dtype).eps * terms``: the error of summing correctly rounded terms, not of the (tiny) result.
-    """
-    assert ours.shape == ref64.shape, f"{name}: shape {tuple(ours.shape)} != reference {tuple(ref64.shape)}"
-    finite = ref64.nan_to_num(0.0, 0.0, 0.0)
-    top = finite.abs().max().item() if finite.numel() else 0.0
-    eps = max(FLOOR[dtype] * max(1.0, top), _ulp(top + 0.3, dtype))
-    if terms is not None:
-        eps = max(eps, 2.0 * torch.finfo(term_dtype).eps * terms.max().item())
-    err, base = max_err(ours, ref64), max_err(naive, ref64)
-    bound = 2.0 * base + eps
-    assert err <= bound, (f"{name}: max error {err:.3g} exceeds {bound:.3g} (= 2 x naive-"
-                          f"{str(dtype).replace('torch.', '')} error {base:.3g} + eps {eps:.3g})")
 
 
 def _layout(t: torch.Tensor, kind: str, g: torch.Generator) -> torch.Tensor:
@@ -153,9 +116,9 @@ def test_attention_matches_float64_reference(case, device):
     for name, a, r, n in zip(["out", "dq", "dk", "dv", "dmask"], ours, ref, naive):
         assert a.dtype == (dtype if name != "dmask" else torch.float32), f"{name} has dtype {a.dtype}"
         if name == "dmask":  # the kernels' dS is fp32
-            assert_close_by_rule(name, a, r, n, torch.float32, terms=terms, term_dtype=torch.float32)
+            assert_by_rule(name, a, r, n, torch.float32, terms=terms, term_dtype=torch.float32)
         else:
-            assert_close_by_rule(name, a, r, n, dtype)
+            assert_by_rule(name, a, r, n, dtype)
 
 
 @st.composite
@@ -219,6 +182,6 @@ def test_masked_softmax_matches_float64_reference(case, device):
         if name == "dmask":
             # The op computes the mask's per-element gradient with its softmax backward kernel, in the input's
             # dtype, then casts to the mask's dtype: terms carry the input dtype's rounding.
-            assert_close_by_rule(name, a, r, n, torch.float32, terms=terms, term_dtype=dtype)
+            assert_by_rule(name, a, r, n, torch.float32, terms=terms, term_dtype=dtype)
         else:
-            assert_close_by_rule(name, a, r, n, dtype)
+            assert_by_rule(name, a, r, n, dtype)
