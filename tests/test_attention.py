@@ -14,15 +14,12 @@ import pytest
 import torch
 
 import llmkernels
-from llmkernels import ops, reference
+from llmkernels import reference
 from llmkernels.triton_kernels import attention as triton_attention
+from attention_check import check_attention, leaf
 from tolerance import assert_by_rule
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def _leaf(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().clone().requires_grad_(True)
 
 
 def _make_mask(kind, shape, device, generator):
@@ -37,68 +34,14 @@ def _make_mask(kind, shape, device, generator):
     return values.masked_fill(~keep, float("-inf")).to(device)
 
 
-def _grads(out, lse, inputs, grad_out, grad_lse):
-    wanted = [t for t in inputs if t is not None and t.requires_grad]
-    grads = torch.autograd.grad([out, lse], wanted, [grad_out.to(out.dtype), grad_lse.to(lse.dtype)])
-    return list(grads)
+def _triton_keep_mask(rng_state, shape, dropout_p, device):
+    return triton_attention.dropout_keep_mask(rng_state, *shape, dropout_p, device)
 
 
-def check_against_reference(q, k, v, mask=None, *, is_causal=False, scale=None, enable_gqa=False, dropout_p=0.0,
-                            keep=None, grad_out=None, mask_grad=True, seed=0):
-    """Run ours (triton backend) and the references on the same leaves; assert the tolerance rule on everything.
-
-    q, k, v in the test dtype; ``mask`` a broadcastable bool/float mask (a float mask gets a gradient when
-    ``mask_grad``). With dropout, ``keep`` is a callable rng_state -> keep mask, given the state our op drew.
-    """
-    dtype = q.dtype
-    gen = torch.Generator().manual_seed(seed + 1)
-    float_mask = mask is not None and mask.dtype != torch.bool
-    mask_leaf = mask_grad and float_mask
-
-    ours_in = [_leaf(q), _leaf(k), _leaf(v), _leaf(mask) if mask_leaf else mask]
-    drawn = {}
-    original = ops._new_rng_state
-
-    def capture(device):
-        drawn["state"] = original(device)
-        return drawn["state"]
-
-    ops._new_rng_state = capture
-    try:
-        out, lse = llmkernels.scaled_dot_product_attention(*ours_in, dropout_p=dropout_p, is_causal=is_causal,
-                                                           scale=scale, enable_gqa=enable_gqa, return_lse=True,
-                                                           backend="triton")
-    finally:
-        ops._new_rng_state = original
-    dropout_mask = None
-    if dropout_p > 0.0:
-        dropout_mask = keep(drawn["state"])
-    if grad_out is None:
-        grad_out = torch.randn(out.shape, generator=gen).to(q.device)
-    grad_lse = torch.randn(lse.shape, generator=gen).to(q.device)
-    ours_grads = _grads(out, lse, ours_in, grad_out, grad_lse)
-
-    def run_reference(cast, compute_dtype):
-        ins = [_leaf(t.to(cast)) for t in (q, k, v)] + [
-            (_leaf(mask.to(torch.float64 if cast == torch.float64 else mask.dtype)) if mask_leaf else mask)]
-        o, l = reference.scaled_dot_product_attention(*ins, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                                                      enable_gqa=enable_gqa, return_lse=True,
-                                                      dropout_mask=dropout_mask, compute_dtype=compute_dtype)
-        # Rows whose lse is -inf give -inf * grad_lse terms in no loss here: gradients are taken directly.
-        return o, l, _grads(o, l, ins, grad_out, grad_lse)
-
-    ref_out, ref_lse, ref_grads = run_reference(torch.float64, torch.float64)
-    naive_out, naive_lse, naive_grads = run_reference(dtype, None)
-
-    assert out.dtype == dtype and lse.dtype == torch.float32
-    assert_by_rule("out", out, ref_out, naive_out, dtype)
-    assert_by_rule("lse", lse, ref_lse, naive_lse, dtype)
-    names = ["dq", "dk", "dv", "dmask"]
-    for name, ours_g, ref_g, naive_g in zip(names, ours_grads, ref_grads, naive_grads):
-        assert ours_g.dtype == (dtype if name != "dmask" else mask.dtype)
-        assert_by_rule(name, ours_g, ref_g, naive_g, dtype)
-    check_against_reference.last_inputs = ours_in  # the tensors our op was called with (for the no-copy test)
-    return out, lse, ours_grads
+def check_against_reference(q, k, v, mask=None, **kwargs):
+    """tests/attention_check.check_attention on the triton backend: output, lse and every gradient against the
+    float64 reference under the tolerance rule; returns (out, lse, grads)."""
+    return check_attention("triton", _triton_keep_mask, q, k, v, mask, **kwargs)
 
 
 def _inputs(B, Hq, Hkv, L, S, E, Ev, dtype, device, seed=0):
@@ -184,10 +127,6 @@ def test_fully_masked_rows(device):
     assert torch.isfinite(lse[:, :, 1:]).all()
 
 
-def _keep_fn(B, Hq, L, S, p, device):
-    return lambda state: triton_attention.dropout_keep_mask(state, B, Hq, L, S, p, device)
-
-
 @pytest.mark.parametrize("dt,Hq,Hkv,mask_kind,causal", [
     ("fp32", 2, 2, None, False),
     ("bf16", 4, 2, "float", True),
@@ -200,8 +139,7 @@ def test_dropout_exact(device, dt, Hq, Hkv, mask_kind, causal):
     B, L, S, E, p = 2, 33, 41, 32, 0.3
     q, k, v = _inputs(B, Hq, Hkv, L, S, E, E, dtype, device, seed=21)
     mask = _make_mask(mask_kind, (L, S), device, torch.Generator().manual_seed(8))
-    check_against_reference(q, k, v, mask, is_causal=causal, enable_gqa=Hq != Hkv, dropout_p=p,
-                            keep=_keep_fn(B, Hq, L, S, p, device))
+    check_against_reference(q, k, v, mask, is_causal=causal, enable_gqa=Hq != Hkv, dropout_p=p)
 
 
 def test_dropout_keep_rate_and_streams(device):
@@ -248,7 +186,7 @@ def test_transposed_layout_runs_without_copy(device, monkeypatch):
     monkeypatch.setattr(triton_attention, "attention_forward", spy_forward)
     monkeypatch.setattr(triton_attention, "attention_backward", spy_backward)
     check_against_reference(q, k, v, is_causal=True, grad_out=grad_out)
-    leaves = check_against_reference.last_inputs[:3]
+    leaves = check_attention.last_inputs[:3]
     expected = [(t.data_ptr(), t.stride()) for t in leaves]
     assert [t.stride() for t in leaves] == [t.stride() for t in (q, k, v)] and not q.is_contiguous()
     assert seen["forward"] == expected and seen["backward"] == expected
@@ -290,7 +228,7 @@ def test_backward_is_deterministic(device):
     grad_out = torch.randn(B, Hq, L, E, generator=torch.Generator().manual_seed(2)).to(device, torch.float16)
     results = []
     for _ in range(2):
-        leaves = [_leaf(q), _leaf(k), _leaf(v), _leaf(mask)]
+        leaves = [leaf(q), leaf(k), leaf(v), leaf(mask)]
         out = llmkernels.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=True, backend="triton")
         results.append(torch.autograd.grad(out, leaves, grad_out))
     for a, b in zip(*results):
@@ -301,13 +239,13 @@ def test_lse_only_gradient(device):
     """A loss through lse alone: the output's gradient is zero and delta is -grad_lse."""
     B, H, L, S, E = 1, 2, 18, 25, 16
     q, k, v = _inputs(B, H, H, L, S, E, E, torch.float32, device, seed=19)
-    leaves = [_leaf(t) for t in (q, k, v)]
+    leaves = [leaf(t) for t in (q, k, v)]
     _, lse = llmkernels.scaled_dot_product_attention(*leaves, backend="triton", return_lse=True)
     grads = torch.autograd.grad(lse.sum(), leaves)
-    ref = [_leaf(t.double()) for t in (q, k, v)]
+    ref = [leaf(t.double()) for t in (q, k, v)]
     _, ref_lse = reference.scaled_dot_product_attention(*ref, return_lse=True, compute_dtype=torch.float64)
     ref_grads = torch.autograd.grad(ref_lse.sum(), ref[:2])  # lse does not depend on v
-    naive = [_leaf(t) for t in (q, k, v)]
+    naive = [leaf(t) for t in (q, k, v)]
     _, naive_lse = reference.scaled_dot_product_attention(*naive, return_lse=True)
     naive_grads = torch.autograd.grad(naive_lse.sum(), naive[:2])
     for name, a, r, n in zip(("dq", "dk"), grads, ref_grads, naive_grads):

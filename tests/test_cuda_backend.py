@@ -15,7 +15,9 @@ import pytest
 import torch
 
 import llmkernels
-from llmkernels import cuda_build, cuda_ext, dispatch, ops, reference
+from llmkernels import cuda_build, cuda_ext, dispatch, reference
+import attention_check
+from attention_check import leaf
 from tolerance import assert_by_rule
 
 HAS_GPU = torch.cuda.is_available()
@@ -210,10 +212,6 @@ def target(request, ext, monkeypatch):
     return "cpu"
 
 
-def _leaf(t):
-    return t.detach().clone().requires_grad_(True)
-
-
 def _inputs(B, Hq, Hkv, L, S, E, Ev, dtype, device, seed=0):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Hq, L, E, generator=gen).to(device, dtype)
@@ -230,54 +228,11 @@ def _make_mask(kind, shape, device, seed=7):
     return torch.randn(shape, generator=gen).masked_fill(~keep, float("-inf")).to(device)
 
 
-def check_attention(q, k, v, mask=None, *, is_causal=False, scale=None, enable_gqa=False, dropout_p=0.0,
-                    mask_grad=True, seed=0):
-    """Our cuda backend against the float64 reference (and the naive low-precision one for the tolerance):
-    output, lse, dq, dk, dv and the float mask's gradient; the gradient also flows in through lse."""
-    dtype, device = q.dtype, q.device
-    gen = torch.Generator().manual_seed(seed + 1)
-    mask_leaf = mask_grad and mask is not None and mask.dtype != torch.bool
-    ours_in = [_leaf(q), _leaf(k), _leaf(v), _leaf(mask) if mask_leaf else mask]
-    drawn = {}
-    original = ops._new_rng_state
-
-    def capture(dev):
-        drawn["state"] = original(dev)
-        return drawn["state"]
-
-    ops._new_rng_state = capture
-    try:
-        out, lse = llmkernels.scaled_dot_product_attention(*ours_in, dropout_p=dropout_p, is_causal=is_causal,
-                                                           scale=scale, enable_gqa=enable_gqa, return_lse=True,
-                                                           backend="cuda")
-    finally:
-        ops._new_rng_state = original
-    keep = None
-    if dropout_p > 0.0:
-        B, Hq, L = out.shape[:3]
-        keep = cuda_ext.dropout_keep_mask(drawn["state"], (B, Hq, L, k.shape[-2]), dropout_p, device)
-    grad_out = torch.randn(out.shape, generator=gen).to(device)
-    grad_lse = torch.randn(lse.shape, generator=gen).to(device)
-    wanted = [t for t in ours_in if t is not None and t.requires_grad]
-    ours_grads = torch.autograd.grad([out, lse], wanted, [grad_out.to(dtype), grad_lse])
-
-    def run_reference(cast, compute_dtype):
-        ins = [_leaf(t.to(cast)) for t in (q, k, v)]
-        ins.append(_leaf(mask.to(torch.float64 if cast == torch.float64 else mask.dtype)) if mask_leaf else mask)
-        o, l = reference.scaled_dot_product_attention(*ins, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                                                      enable_gqa=enable_gqa, return_lse=True, dropout_mask=keep,
-                                                      compute_dtype=compute_dtype)
-        w = [t for t in ins if t is not None and t.requires_grad]
-        return o, l, torch.autograd.grad([o, l], w, [grad_out.to(o.dtype), grad_lse.to(l.dtype)])
-
-    ref_out, ref_lse, ref_grads = run_reference(torch.float64, torch.float64)
-    naive_out, naive_lse, naive_grads = run_reference(dtype, None)
-    assert out.dtype == dtype and lse.dtype == torch.float32
-    assert_by_rule("out", out, ref_out, naive_out, dtype)
-    assert_by_rule("lse", lse, ref_lse, naive_lse, dtype)
-    for name, ours_g, ref_g, naive_g in zip(("dq", "dk", "dv", "dmask"), ours_grads, ref_grads, naive_grads):
-        assert_by_rule(name, ours_g, ref_g, naive_g, dtype)
-    return out, lse, ours_grads
+def check_attention(q, k, v, mask=None, **kwargs):
+    """tests/attention_check.check_attention on the cuda backend (the real kernels or the emulated ones): output,
+    lse, dq, dk, dv and the float mask's gradient against the float64 reference under the tolerance rule; the
+    gradient also flows in through lse. Returns (out, lse, grads)."""
+    return attention_check.check_attention("cuda", cuda_ext.dropout_keep_mask, q, k, v, mask, **kwargs)
 
 
 # (B, Hq, L, S, E, Ev, dtype, mask kind, mask shape, causal, scale): every head-dim bucket, odd sizes, L != S.
@@ -421,15 +376,15 @@ def test_opcheck(ext):
 def check_softmax(x, mask=None, *, scale=1.0, is_causal=False, dim=-1):
     dtype = x.dtype
     mask_leaf = mask is not None and mask.dtype != torch.bool
-    xs, ms = _leaf(x), (_leaf(mask) if mask_leaf else mask)
+    xs, ms = leaf(x), (leaf(mask) if mask_leaf else mask)
     y = llmkernels.masked_softmax(xs, ms, scale=scale, is_causal=is_causal, dim=dim, backend="cuda")
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(x.device)
     wanted = [t for t in (xs, ms) if t is not None and t.requires_grad]
     grads = torch.autograd.grad(y, wanted, dy.to(dtype))
 
     def run_reference(cast, compute_dtype):
-        xr = _leaf(x.to(cast))
-        mr = _leaf(mask.to(torch.float64 if cast == torch.float64 else mask.dtype)) if mask_leaf else mask
+        xr = leaf(x.to(cast))
+        mr = leaf(mask.to(torch.float64 if cast == torch.float64 else mask.dtype)) if mask_leaf else mask
         yr = reference.masked_softmax(xr, mr, scale=scale, is_causal=is_causal, dim=dim, compute_dtype=compute_dtype)
         w = [t for t in (xr, mr) if t is not None and t.requires_grad]
         return yr, torch.autograd.grad(yr, w, dy.to(yr.dtype))

@@ -1,0 +1,88 @@
+"""The attention correctness check shared by the backend tests (tests/test_attention.py: "triton",
+tests/test_cuda_backend.py: "cuda", on a GPU or through the CPU emulation).
+
+``check_attention`` runs ``llmkernels.scaled_dot_product_attention(..., backend=backend)`` and the float64 einsum
+reference on the same leaves, and asserts the tolerance rule of tests/tolerance.py (at most twice the error of
+the same reference computed naively in the input dtype) on the output, the lse and every input gradient (q, k, v
+and a float mask's); the gradient also flows in through lse. With dropout, the rng_state the op draws is captured
+(by wrapping ``ops._new_rng_state``) and the backend's ``keep_mask`` regenerates the keep pattern the kernels
+used, which the reference is then given.
+"""
+
+import torch
+
+import llmkernels
+from llmkernels import ops, reference
+from tolerance import assert_by_rule
+
+
+def leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone().requires_grad_(True)
+
+
+def _grads(out, lse, inputs, grad_out, grad_lse):
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    grads = torch.autograd.grad([out, lse], wanted, [grad_out.to(out.dtype), grad_lse.to(lse.dtype)])
+    return list(grads)
+
+
+def check_attention(backend, keep_mask, q, k, v, mask=None, *, is_causal=False, scale=None, enable_gqa=False,
+                    dropout_p=0.0, grad_out=None, mask_grad=True, seed=0):
+    """Run ours (``backend``) and the references on the same leaves; assert the tolerance rule on everything.
+
+    q, k, v in the test dtype; ``mask`` a broadcastable bool/float mask (a float mask gets a gradient when
+    ``mask_grad``). ``keep_mask(rng_state, shape, dropout_p, device)`` returns the backend's dropout keep pattern
+    (True = keep) of the (B, Hq, L, S) scores for the rng_state our op drew; it is called only with dropout.
+    ``grad_out`` is the output's gradient (random when None). Returns (out, lse, [dq, dk, dv(, dmask)]); the
+    tensors our op was called with are left in ``check_attention.last_inputs`` (for the no-copy tests).
+    """
+    dtype, device = q.dtype, q.device
+    gen = torch.Generator().manual_seed(seed + 1)
+    float_mask = mask is not None and mask.dtype != torch.bool
+    mask_leaf = mask_grad and float_mask
+
+    ours_in = [leaf(q), leaf(k), leaf(v), leaf(mask) if mask_leaf else mask]
+    drawn = {}
+    original = ops._new_rng_state
+
+    def capture(dev):
+        drawn["state"] = original(dev)
+        return drawn["state"]
+
+    ops._new_rng_state = capture
+    try:
+        out, lse = llmkernels.scaled_dot_product_attention(*ours_in, dropout_p=dropout_p, is_causal=is_causal,
+                                                           scale=scale, enable_gqa=enable_gqa, return_lse=True,
+                                                           backend=backend)
+    finally:
+        ops._new_rng_state = original
+    dropout_mask = None
+    if dropout_p > 0.0:
+        B, Hq, L = out.shape[:3]
+        dropout_mask = keep_mask(drawn["state"], (B, Hq, L, k.shape[-2]), dropout_p, device)
+    if grad_out is None:
+        grad_out = torch.randn(out.shape, generator=gen).to(device)
+    grad_lse = torch.randn(lse.shape, generator=gen).to(device)
+    ours_grads = _grads(out, lse, ours_in, grad_out, grad_lse)
+
+    def run_reference(cast, compute_dtype):
+        ins = [leaf(t.to(cast)) for t in (q, k, v)] + [
+            (leaf(mask.to(torch.float64 if cast == torch.float64 else mask.dtype)) if mask_leaf else mask)]
+        o, l = reference.scaled_dot_product_attention(*ins, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                                                      enable_gqa=enable_gqa, return_lse=True,
+                                                      dropout_mask=dropout_mask, compute_dtype=compute_dtype)
+        # Rows whose lse is -inf give -inf * grad_lse terms in no loss here: gradients are taken directly.
+        return o, l, _grads(o, l, ins, grad_out, grad_lse)
+
+    ref_out, ref_lse, ref_grads = run_reference(torch.float64, torch.float64)
+    naive_out, naive_lse, naive_grads = run_reference(dtype, None)
+
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert_by_rule("out", out, ref_out, naive_out, dtype)
+    assert_by_rule("lse", lse, ref_lse, naive_lse, dtype)
+    names = ["dq", "dk", "dv", "dmask"]
+    for name, ours_g, ref_g, naive_g in zip(names, ours_grads, ref_grads, naive_grads):
+        assert ours_g.dtype == (dtype if name != "dmask" else mask.dtype)
+        assert_by_rule(name, ours_g, ref_g, naive_g, dtype)
+    check_attention.last_inputs = ours_in
+    return out, lse, ours_grads
