@@ -66,8 +66,35 @@ def _patch_interpreter_bf16_dot() -> None:
     builder_cls._llmkernels_bf16_fix = True
 
 
+def _patch_interpreter_scalar_index() -> None:
+    """Work around Triton's interpreter bug with ``range()`` bounds derived from program ids (triton 3.6).
+
+    The interpreter holds a scalar such as ``tl.program_id(0)`` as a one-element 1-D numpy array, and its
+    ``tensor.__index__`` is ``int(handle.data)``. NumPy 2.4 no longer converts an array of ndim > 0 to a Python
+    int (deprecated since 1.25; now "only 0-dimensional arrays can be converted to Python scalars"), so
+    ``range(lo, hi, BLOCK)`` with ``lo``/``hi`` computed from a program id fails in the simulator; the compiled
+    kernel has no such problem. Newer Triton (3.8) squeezes the array first; do the same where the interpreter
+    does not. This fixes the simulator, not our kernels.
+    """
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_llmkernels_index_fix", False):
+        return
+
+    def _patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).squeeze()))
+
+    _patch_lang_tensor._llmkernels_index_fix = True
+    interpreter._patch_lang_tensor = _patch_lang_tensor
+
+
 if INTERPRETING:
     _patch_interpreter_bf16_dot()
+    _patch_interpreter_scalar_index()
 
 
 @pytest.fixture(scope="session")
