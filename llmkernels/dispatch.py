@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from .contract import BACKEND_NAMES, AttentionArgs, SoftmaxArgs, check_backend_name
+from .triton_kernels.interpreter import interpreting as triton_interpreting
 
 ENV_VAR = "LLMKERNELS_BACKEND"
 AUTO_ORDER = ("triton", "cuda", "reference")
@@ -56,10 +57,6 @@ def requested_backend(backend: Optional[str]) -> str:
             raise ValueError(f"environment variable {ENV_VAR}={env!r} is not one of {BACKEND_NAMES}")
         return env
     return "auto"
-
-
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _find_triton_import_error() -> Optional[str]:

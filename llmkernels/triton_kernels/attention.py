@@ -38,16 +38,16 @@ Design (FlashAttention-2, Dao 2023):
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .. import _alloc
+from .interpreter import interpreting
 
 # Decided once at import, like Triton itself decides whether @triton.jit makes interpreter functions.
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRETING = interpreting()
 
 # The kernels write log2(e) = 1.4426950408889634 (exp(x) = exp2(x * log2(e))) and ln(2) = 0.6931471805599453
 # (ln(x) = log2(x) * ln(2)) as literals: plain Python globals are not constants inside @triton.jit code.

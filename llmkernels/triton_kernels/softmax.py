@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
-from ..dispatch import triton_interpreting
+from .interpreter import interpreting as triton_interpreting
 from .compile_check import CompileSpec
 
 LOG2E = 1.4426950408889634
