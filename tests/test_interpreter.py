@@ -201,6 +201,7 @@ def _simulate(monkeypatch, *fixes):
     """Replace the known fixes by ``fixes`` and forget what prepare() found, for this test only."""
     monkeypatch.setattr(interpreter, "FIXES", tuple(fixes))
     monkeypatch.setattr(interpreter, "_outcomes", None)
+    monkeypatch.setattr(interpreter, "interpreting", lambda: True)
     monkeypatch.setattr(dispatch, "triton_interpreting", lambda: True)
 
 
@@ -276,3 +277,36 @@ def test_unfixable_interpreter_wide_bug_declines_every_dtype(monkeypatch):
         assert len(reasons) == 1 and "simulator exploded" in reasons[0], reasons
         assert "cannot run in this interpreter" in reasons[0]
         assert dispatch.choose_attention_backend(contract.check_attention(q, k, v)) == "reference"
+
+
+def test_marker_is_what_torch_compilers_assume_constant_result_sets():
+    def f():
+        return 0
+
+    torch.compiler.assume_constant_result(f)
+    marked = {k: v for k, v in vars(f).items()}
+    assert marked == {"_dynamo_marked_constant": True}
+    assert vars(interpreter.unsupported_reasons).get("_dynamo_marked_constant") is True
+
+
+@pytest.mark.skipif(dispatch._TRITON_IMPORT_ERROR is not None, reason="triton is not importable")
+def test_first_probe_inside_torch_compile_fullgraph(monkeypatch):
+    """The first use may be inside a compiled function: the probe runs at trace time, and the graph compiles."""
+    probed = []
+
+    def probe():
+        probed.append(1)
+        return "max |error| 8e8"
+
+    _simulate(monkeypatch, interpreter.Fix("bf16_dot", (torch.bfloat16,), "computes bf16 tl.dot wrongly", probe,
+                                           _cannot_fix))
+    q, k, v, _ = _attention_inputs(torch.bfloat16)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(lambda q, k, v: llmkernels.scaled_dot_product_attention(q, k, v), fullgraph=True,
+                                 backend="aot_eager")
+        out = compiled(q, k, v)
+    finally:
+        torch._dynamo.reset()
+    assert probed == [1]
+    assert torch.equal(out, llmkernels.scaled_dot_product_attention(q, k, v, backend="reference"))

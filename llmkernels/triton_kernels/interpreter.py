@@ -256,6 +256,12 @@ def prepare() -> dict:
     importable. Thread-safe: concurrent first calls probe once.
     """
     global _outcomes
+    done = _outcomes
+    if done is not None:  # the common case, without the lock (torch.compile cannot trace a lock)
+        return done
+    if not interpreting():
+        # Compiled probe kernels would fail on their CPU tensors, and that failure would be cached as "bug".
+        raise RuntimeError("interpreter.prepare() checks Triton's interpreter: set TRITON_INTERPRET=1 first")
     with _lock:
         if _outcomes is None:
             import triton
@@ -271,6 +277,20 @@ def describe() -> str:
     return ", ".join(parts)
 
 
+def _constant_under_torch_compile(fn):
+    """Mark ``fn`` as ``torch.compiler.assume_constant_result`` does, without importing dynamo.
+
+    torch.compile traces dispatch like user code, and the first probe takes a lock and launches kernels, which
+    dynamo cannot trace (fullgraph=True would fail). The answer is fixed per process, so dynamo may call the
+    function at trace time and put its result in the graph as a constant. ``assume_constant_result`` only sets
+    this attribute (torch 2.1 to 2.14; tests/test_interpreter.py checks it), but importing it loads dynamo
+    (about 2 s) whenever llmkernels is imported.
+    """
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_under_torch_compile
 def unsupported_reasons(dtypes) -> list:
     """Why the interpreted kernels cannot take tensors of these dtypes (empty: they can); probes on first use."""
     outcomes = prepare()
