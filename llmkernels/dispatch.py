@@ -81,29 +81,42 @@ class TritonBackend:
     # Head dims the kernels take: every size up to this (padded to a power of two on chip).
     MAX_HEAD_DIM = 256
 
-    def _device_reasons(self, t: torch.Tensor) -> list:
+    def _device_reasons(self, t: torch.Tensor, dtypes: tuple) -> list:
         err = _TRITON_IMPORT_ERROR
         if err:
             return [err]
         if t.device.type == "cpu":
             if not triton_interpreting():
                 return ["CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter) to run the Triton kernels"]
-            return []
-        if t.device.type != "cuda":
+        elif t.device.type != "cuda":
             return [f"device type {t.device.type!r} is not supported (CUDA, or CPU with TRITON_INTERPRET=1)"]
-        if torch.version.hip is None and _cuda_capability(t.device) < (8, 0):
+        elif torch.version.hip is None and _cuda_capability(t.device) < (8, 0):
             return [f"needs compute capability 8.0 or newer, {t.device} has {_cuda_capability(t.device)}"]
+        if triton_interpreting():
+            # Interpreted kernels (CPU tensors, or CUDA tensors that the interpreter copies to the host) run
+            # in Triton's numpy simulator, whose known bugs the package fixes on first use; where a fix does not
+            # take, the dtypes it affects are declined rather than computed wrongly.
+            from .triton_kernels import interpreter
+            return interpreter.unsupported_reasons(dtypes)
         return []
 
+    @staticmethod
+    def _float_dtypes(x: torch.Tensor, mask: Optional[torch.Tensor]) -> tuple:
+        # A float mask may have another dtype than the input (a bf16 mask on fp32 input), and its gradient is
+        # written in that dtype, so it counts too.
+        if mask is None or mask.dtype == torch.bool:
+            return (x.dtype,)
+        return (x.dtype, mask.dtype)
+
     def attention_reasons(self, a: AttentionArgs) -> list:
-        reasons = self._device_reasons(a.q)
+        reasons = self._device_reasons(a.q, self._float_dtypes(a.q, a.mask))
         E, Ev = a.q.shape[-1], a.v.shape[-1]
         if E > self.MAX_HEAD_DIM or Ev > self.MAX_HEAD_DIM:
             reasons.append(f"head dims up to {self.MAX_HEAD_DIM}, got E={E}, Ev={Ev}")
         return reasons
 
     def softmax_reasons(self, a: SoftmaxArgs) -> list:
-        return self._device_reasons(a.x)
+        return self._device_reasons(a.x, self._float_dtypes(a.x, a.mask))
 
     def attention_forward(self, *args):
         from .triton_kernels import attention
