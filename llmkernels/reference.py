@@ -82,7 +82,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         energy = energy.masked_fill(~causal, float("-inf"))
 
     attention, lse = _softmax_zero_for_masked_rows(energy)
-    if a.dropout_p > 0.0:
+    if a.dropout_p == 1.0:
+        # Every weight dropped: PyTorch's dropout multiplies by 0 (no 1 / (1 - p)), which keeps NaN visible.
+        attention = attention * 0.0
+    elif a.dropout_p > 0.0:
         if dropout_mask is None:
             dropout_mask = torch.rand_like(attention) >= a.dropout_p
         else:

@@ -196,3 +196,15 @@ def test_reference_lse_gradient_at_finfo_min_is_the_softmax():
     (dq,) = torch.autograd.grad(lse[0, 0, 1], q)
     # Every key of row 1 has the same weight 1/6: d lse / d q_1 = scale * mean of the keys.
     torch.testing.assert_close(dq[0, 0, 1], k6[0, 0].mean(0) / math.sqrt(8), rtol=1e-12, atol=1e-12)
+
+
+def test_reference_dropout_one_is_zeros_as_torch():
+    q, k, v = _qkv(1, 2, 2, 4, 6, 8, 8)
+    q[0, 1, 2, 0] = math.nan
+    ours, lse = reference.scaled_dot_product_attention(q, k, v, dropout_p=1.0, return_lse=True)
+    theirs = F.scaled_dot_product_attention(q, k, v, dropout_p=1.0)
+    assert torch.equal(torch.isnan(ours), torch.isnan(theirs)) and torch.isnan(ours).any()
+    assert torch.equal(ours.nan_to_num(0.0), theirs.nan_to_num(0.0)) and torch.equal(ours[0, 0], torch.zeros(4, 8))
+    # lse is that of the scores: dropout acts after the softmax.
+    _, lse0 = reference.scaled_dot_product_attention(q, k, v, return_lse=True)
+    torch.testing.assert_close(lse, lse0, rtol=0, atol=0, equal_nan=True)
