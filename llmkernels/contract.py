@@ -7,9 +7,12 @@ form so that each backend implements a single, small interface:
 attention  q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), mask None or (B, Hq, L, S)
 softmax    x (A, B, M, N) with the softmax over N, mask None or (A, B, M, N)
 
-Tensors in canonical form are views of the user's tensors whenever that is possible (any strides; broadcast
-dimensions have stride 0); a copy happens only where the user's layout cannot be expressed as such a view
-(more than one leading batch dimension that is not contiguous, or a softmax over a non-last dim).
+Tensors in canonical form are views of the user's tensors whenever that is possible: any strides, and every
+broadcast dimension (a missing leading dim, a size-1 head dim against the other inputs' heads, a mask's
+broadcast dims) has stride 0, since the kernels read everything through its strides. A copy happens only where
+no such view exists: several leading batch dims that do not merge into one (not contiguous, or broadcast in
+some of them only), and grouped-query attention whose key and value head counts differ and are both above 1
+(both are repeated to a common count, as PyTorch does).
 """
 
 from __future__ import annotations
@@ -52,12 +55,32 @@ def check_backend_name(backend) -> str:
     return backend
 
 
+def _real_scalar(name: str, value) -> float:
+    """A Python real number or a 0-d real tensor (as PyTorch's SDPA takes for ``scale``) as a float.
+
+    bool is refused: ``scale=True`` is a slip, not a scale. A tensor that requires grad is refused: the value is
+    taken as a constant, so its gradient would silently be missing (PyTorch refuses such a tensor too)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            raise TypeError(f"{name} must be a real number or a 0-d tensor, got a tensor of shape "
+                            f"{tuple(value.shape)}")
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be a real number or a 0-d real tensor, got a tensor of dtype {value.dtype}")
+        if value.requires_grad:
+            raise ValueError(f"{name} is a tensor that requires grad; llmkernels takes {name} as a constant and "
+                             f"computes no gradient for it (pass {name}.detach() or a float)")
+        if value.device.type == "meta":
+            raise ValueError(f"{name} is a meta tensor, which has no value")
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number or a 0-d tensor, got {type(value).__name__}")
+    return float(value)
+
+
 def _check_scale(scale, default: float) -> float:
     if scale is None:
         return default
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-    scale = float(scale)
+    scale = _real_scalar("scale", scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     return scale
@@ -79,6 +102,27 @@ def _check_mask(name: str, mask, ref: torch.Tensor, target_shape: tuple, target_
                          f"{tuple(target_shape)}")
 
 
+def _broadcast_or_raise(what: str, *shapes) -> tuple:
+    try:
+        return tuple(torch.broadcast_shapes(*shapes))
+    except RuntimeError:
+        q, k, v = (tuple(t) for t in shapes)
+        raise ValueError(f"{what} of query {q}, key {k} and value {v} do not broadcast") from None
+
+
+def _check_heads_broadcast(Hq: int, Hk: int, Hv: int) -> None:
+    """Without grouped-query attention, head counts broadcast: each is the common count or 1."""
+    if Hk != Hv and 1 not in (Hk, Hv):
+        raise ValueError(f"key has {Hk} heads and value {Hv}; they must be equal or one of them 1 (broadcast)")
+    Hkv = Hv if Hk == 1 else Hk
+    if Hq != Hkv and 1 not in (Hq, Hkv):
+        if Hkv != 0 and Hq % Hkv == 0:
+            raise ValueError(f"query has {Hq} heads but key/value have {Hkv}; pass enable_gqa=True for grouped-query "
+                             f"attention (query heads a multiple of key/value heads)")
+        raise ValueError(f"query has {Hq} heads but key/value have {Hkv}; head counts must be equal or 1 "
+                         f"(broadcast), or with enable_gqa=True the query heads a multiple of the key/value heads")
+
+
 def _merge_leading(t: torch.Tensor, lead_shape: tuple, keep: int) -> torch.Tensor:
     """Broadcast t's leading dims to lead_shape and merge them into one: a view when possible."""
     t = t.expand(*lead_shape, *t.shape[-keep:])
@@ -86,7 +130,7 @@ def _merge_leading(t: torch.Tensor, lead_shape: tuple, keep: int) -> torch.Tenso
         return t
     if len(lead_shape) == 0:
         return t.unsqueeze(0)
-    return t.reshape(-1, *t.shape[-keep:])
+    return t.reshape(math.prod(lead_shape), *t.shape[-keep:])
 
 
 @dataclass
@@ -123,9 +167,6 @@ def check_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
     if not (query.device == key.device == value.device):
         raise ValueError(f"query, key and value must be on one device, got {query.device}, {key.device}, "
                          f"{value.device}")
-    if not (query.dim() == key.dim() == value.dim()):
-        raise ValueError(f"query, key and value must have the same number of dims, got {query.dim()}, "
-                         f"{key.dim()}, {value.dim()}")
     E, Ek = query.shape[-1], key.shape[-1]
     if E != Ek:
         raise ValueError(f"query and key must have the same head dim, got query {E} and key {Ek}")
@@ -134,8 +175,8 @@ def check_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
     S, Sv = key.shape[-2], value.shape[-2]
     if S != Sv:
         raise ValueError(f"key and value must have the same sequence length, got key {S} and value {Sv}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not (0.0 <= dropout_p < 1.0):
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not (0.0 <= dropout_p <= 1.0):
+        raise ValueError(f"dropout_p must be a float in [0, 1], got {dropout_p!r}")
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
     if not isinstance(enable_gqa, bool):
@@ -143,41 +184,50 @@ def check_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
     scale = _check_scale(scale, 1.0 / math.sqrt(E))
 
     # Heads: the dim -3 when present (a 2-D input has a single implicit head).
-    Hq = query.shape[-3] if query.dim() >= 3 else 1
-    Hk = key.shape[-3] if key.dim() >= 3 else 1
-    Hv = value.shape[-3] if value.dim() >= 3 else 1
-    if Hk != Hv:
-        raise ValueError(f"key and value must have the same number of heads, got key {Hk} and value {Hv}")
-    if Hq != Hk:
-        if enable_gqa:
-            if Hk == 0 or Hq % Hk != 0:
-                raise ValueError(f"with enable_gqa=True the query heads ({Hq}) must be a multiple of the "
-                                 f"key/value heads ({Hk})")
-        elif Hk != 1:
-            raise ValueError(f"query has {Hq} heads but key/value have {Hk}; pass enable_gqa=True for grouped-query "
-                             f"attention (query heads a multiple of key/value heads)")
-
-    lead_q, lead_k, lead_v = query.shape[:-3], key.shape[:-3], value.shape[:-3]
-    try:
-        lead = torch.broadcast_shapes(lead_q, lead_k, lead_v)
-    except RuntimeError:
-        raise ValueError(f"the batch dims of query {tuple(lead_q)}, key {tuple(lead_k)} and value {tuple(lead_v)} "
-                         f"do not broadcast") from None
+    Hq, Hk, Hv = (t.shape[-3] if t.dim() >= 3 else 1 for t in (query, key, value))
+    if enable_gqa and not Hq == Hk == Hv:
+        # PyTorch's rule: key and value heads each divide the query heads; K and V are repeated to Hq heads
+        # along dim -3, and the dims before it broadcast.
+        for name, h in (("key", Hk), ("value", Hv)):
+            if h == 0 or Hq % h != 0:
+                raise ValueError(f"with enable_gqa=True the query heads ({Hq}) must be a multiple of the {name} "
+                                 f"heads ({h})")
+        lead = _broadcast_or_raise("the batch dims", query.shape[:-3], key.shape[:-3], value.shape[:-3])
+        H = Hq
+        batch = (*lead, H)
+        if Hk == Hv:
+            Hkv = Hk  # grouped-query attention proper: the kernels map query head h to K/V head h // (Hq // Hkv)
+        elif 1 in (Hk, Hv):
+            Hkv = Hk * Hv  # the single head is broadcast (stride 0) to the other's count; the grouping does the rest
+        else:
+            # Two different head counts, neither 1: no view of one tensor has the other's head count, so both are
+            # repeated (a copy, as PyTorch's own repeat_interleave) to the least common multiple.
+            Hkv = math.lcm(Hk, Hv)
+            key = key.repeat_interleave(Hkv // Hk, dim=-3)
+            value = value.repeat_interleave(Hkv // Hv, dim=-3)
+    else:
+        # As PyTorch's matmuls: every dim before (seq, head_dim), heads included, broadcasts.
+        _check_heads_broadcast(Hq, Hk, Hv)
+        _broadcast_or_raise("the batch dims", query.shape[:-3], key.shape[:-3], value.shape[:-3])
+        batch = tuple(torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2]))
+        lead, H = (batch[:-1], batch[-1]) if len(batch) else ((), 1)
+        # A single K/V head stays single: the kernels' grouping serves every query head from it.
+        Hkv = 1 if Hk == Hv == 1 else H
+    lead = tuple(lead)
     L, Ev = query.shape[-2], value.shape[-1]
-    out_shape = (*lead, Hq, L, Ev) if query.dim() >= 3 else (L, Ev)
+    out_shape = (*batch, L, Ev)
 
-    def canon(t: torch.Tensor) -> torch.Tensor:
-        if t.dim() == 2:
-            t = t.unsqueeze(0)
-        return _merge_leading(t, tuple(lead), 3)
+    def canon(t: torch.Tensor, heads: int) -> torch.Tensor:
+        # expand() adds the missing leading dims and gives every broadcast dim stride 0: a view, never a copy.
+        return _merge_leading(t.expand(*lead, heads, *t.shape[-2:]), lead, 3)
 
-    q, k, v = canon(query), canon(key), canon(value)
+    q, k, v = canon(query, H), canon(key, Hkv), canon(value, Hkv)
 
     mask = None
     if attn_mask is not None:
-        user_full = (*lead, Hq, L, S) if query.dim() >= 3 else (L, S)
-        _check_mask("attn_mask", attn_mask, query, user_full, "(..., Hq, L, S) =")
-        mask = _merge_leading(attn_mask.expand(user_full).expand(*lead, Hq, L, S), tuple(lead), 3)
+        # The mask broadcasts to the attention weights of the broadcast batch (stride 0 where it is broadcast).
+        _check_mask("attn_mask", attn_mask, query, (*batch, L, S), "(..., Hq, L, S) =")
+        mask = _merge_leading(attn_mask.expand(*lead, H, L, S), lead, 3)
     return AttentionArgs(q, k, v, mask, float(dropout_p), is_causal, scale, out_shape)
 
 

@@ -3,7 +3,8 @@
 Each backend declares what it supports through ``attention_reasons`` / ``softmax_reasons`` (an empty list means
 "supported"; otherwise one human-readable reason per limitation, after xformers' ``not_supported_reasons``).
 The backend for a call is, in order of precedence: the ``backend=`` argument, the innermost
-``llmkernels.use_backend(...)`` block, the ``LLMKERNELS_BACKEND`` environment variable, then ``"auto"``.
+``llmkernels.use_backend(...)`` block of the calling thread or asyncio task, the ``LLMKERNELS_BACKEND``
+environment variable, then ``"auto"``.
 ``"auto"`` takes the first backend of ``AUTO_ORDER`` (fastest first) that supports the inputs; an explicitly
 chosen backend that cannot take the inputs raises with its reasons, and so does ``"auto"`` when none can,
 listing every backend's reasons.
@@ -15,6 +16,7 @@ The backends work on the canonical form of ``contract.py``; their kernels live i
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 from typing import Optional
 
@@ -26,7 +28,10 @@ from .triton_kernels.interpreter import interpreting as triton_interpreting
 ENV_VAR = "LLMKERNELS_BACKEND"
 AUTO_ORDER = ("triton", "cuda", "reference")
 
-_block_backend: Optional[str] = None  # set by use_backend()
+# The innermost use_backend() block's choice. A ContextVar, not a module global: each thread starts with its own
+# (empty) context and each asyncio task runs in a copy of its creator's, so one thread's or task's block never
+# changes the backend of calls made in another.
+_block_backend: contextvars.ContextVar = contextvars.ContextVar("llmkernels_block_backend", default=None)
 
 
 class NotSupportedError(ValueError):
@@ -35,22 +40,25 @@ class NotSupportedError(ValueError):
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Run the llmkernels calls inside the block on backend ``name`` ("auto", "triton", "cuda", "reference")."""
-    global _block_backend
+    """Run the llmkernels calls inside the block on backend ``name`` ("auto", "triton", "cuda", "reference").
+
+    The choice holds for the current thread and asyncio task only (and for tasks they create inside the block,
+    which copy the context): other threads and tasks keep their own choice."""
     name = check_backend_name(name)
-    previous, _block_backend = _block_backend, name
+    token = _block_backend.set(name)
     try:
         yield
     finally:
-        _block_backend = previous
+        _block_backend.reset(token)
 
 
 def requested_backend(backend: Optional[str]) -> str:
     """The backend name in force for a call: argument, then use_backend block, then environment, then auto."""
     if backend is not None:
         return check_backend_name(backend)
-    if _block_backend is not None:
-        return _block_backend
+    block = _block_backend.get()
+    if block is not None:
+        return block
     env = os.environ.get(ENV_VAR)
     if env:
         if env not in BACKEND_NAMES:

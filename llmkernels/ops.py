@@ -98,23 +98,38 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                  enable_gqa=False, *, return_lse=False, backend=None):
     """Fused attention, a drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
 
-    Shapes: query ``(..., Hq, L, E)``, key ``(..., Hkv, S, E)``, value ``(..., Hkv, S, Ev)``; the output is
-    ``(..., Hq, L, Ev)`` in the inputs' dtype (fp16, bf16 or fp32). Leading dims broadcast. Any strides: the
-    ``(B, L, H, E)`` layout passed as ``.transpose(1, 2)`` views runs without a copy.
+    Shapes: query ``(..., Hq, L, E)``, key ``(..., Hk, S, E)``, value ``(..., Hv, S, Ev)``; the output is
+    ``(..., H, L, Ev)`` in the inputs' dtype (fp16, bf16 or fp32). As in PyTorch, every dim before ``(L, E)``
+    broadcasts as in a matmul: the inputs may have different numbers of leading dims (query ``(4, 3, 8)`` with
+    key/value ``(4, 4, 6, 8)``), and a head count of 1 broadcasts against the others' (``H`` is the common
+    count). Broadcast dims are read as stride-0 views, never copied, and the gradients come back in each input's
+    own shape. Any strides: the ``(B, L, H, E)`` layout passed as ``.transpose(1, 2)`` views runs without a copy.
 
     attn_mask: bool (True = attend) or float (added to the scaled scores, ``-inf`` allowed), broadcastable to
-        ``(..., Hq, L, S)``; read through its strides, never expanded in memory. A float mask that requires
+        ``(..., H, L, S)``; read through its strides, never expanded in memory. A float mask that requires
         grad gets its gradient (summed over broadcast dims).
-    dropout_p: dropout on the attention weights whenever > 0 (as PyTorch: it does not look at ``training``).
-    is_causal: query ``i`` attends to keys ``j <= i`` (top-left alignment, also when ``L != S``); combines
-        with ``attn_mask``.
-    scale: defaults to ``1 / sqrt(E)``.
-    enable_gqa: grouped-query attention; ``Hq`` must be a multiple of ``Hkv``; query head ``h`` uses key/value
-        head ``h // (Hq // Hkv)``.
+    dropout_p: dropout on the attention weights whenever > 0 (as PyTorch: it does not look at ``training``),
+        in ``[0, 1]``. ``dropout_p=1.0`` drops every weight, as PyTorch: the output is zeros (times the
+        attention output, so a NaN there still shows), every input gets a zero gradient of its own shape, and
+        the lse (dropout acts after the softmax) is still that of the scores, and differentiable.
+    is_causal: query ``i`` attends to keys ``j <= i`` (top-left alignment, also when ``L != S``).
+    scale: defaults to ``1 / sqrt(E)``; a real number or a 0-d tensor (not one that requires grad: the scale
+        is a constant here, with no gradient), finite.
+    enable_gqa: grouped-query attention, PyTorch's rule: ``Hq`` must be a multiple of both ``Hk`` and ``Hv``;
+        query head ``h`` uses key head ``h // (Hq // Hk)`` and value head ``h // (Hq // Hv)``.
     return_lse: also return the float32 natural-log log-sum-exp of the scaled, masked scores, shape
-        ``(..., Hq, L)``, so partial attentions over key blocks can be merged exactly. Differentiable.
+        ``(..., H, L)``, so partial attentions over key blocks can be merged exactly. Differentiable.
     backend: ``"triton"``, ``"cuda"``, ``"reference"`` or ``"auto"`` (the default: the fastest backend that
         supports the inputs). See ``llmkernels.use_backend`` and the ``LLMKERNELS_BACKEND`` variable.
+
+    Where this deliberately accepts more than PyTorch's function:
+      * ``attn_mask`` together with ``is_causal=True``: both apply (the causal rule hides ``j > i``, the mask
+        hides or shifts the rest); PyTorch raises for this combination.
+      * a float ``attn_mask`` of any float dtype, whatever the query's (a float64 or bf16 mask with fp32
+        inputs, an fp16 mask with bf16 inputs): it is added in fp32 without first rounding it to the query's
+        dtype. PyTorch takes only a float32 mask or one of the query's dtype.
+      * a mask broadcastable to the output's batch and head dims when only ``value`` has them (query and key
+        with 1 head, value with 2); PyTorch's math path requires the mask to fit the weights of query and key.
 
     Rows with every key masked give output 0, gradient 0 and lse ``-inf``. With no keys at all (``S == 0``)
     every row is such a row: output 0, even where ``query`` holds NaN or inf (PyTorch's math path returns NaN in
@@ -149,8 +164,16 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             out = _tie_zero_grad(out, t)
         lse = a.q.new_full((B, Hq, L), float("-inf"), dtype=torch.float32)
     else:
-        rng_state = _new_rng_state(a.q.device) if a.dropout_p > 0.0 else None
-        out, lse = sdpa_forward(a.q, a.k, a.v, a.mask, a.dropout_p, a.is_causal, a.scale, rng_state, name)
+        # dropout_p = 1 drops every weight after the softmax: run without dropout (so the lse and its gradient
+        # are the scores' own), then scale the output by 0. Like PyTorch's dropout (which multiplies the weights
+        # by 0) this keeps NaN and inf visible instead of writing plain zeros over them, and the backward gets
+        # a zero output gradient, so q, k and v receive zero gradients (plus the lse's, when it is used).
+        drop_all = a.dropout_p == 1.0
+        p = 0.0 if drop_all else a.dropout_p
+        rng_state = _new_rng_state(a.q.device) if p > 0.0 else None
+        out, lse = sdpa_forward(a.q, a.k, a.v, a.mask, p, a.is_causal, a.scale, rng_state, name)
+        if drop_all:
+            out = out * 0
     out = out.reshape(a.out_shape)
     if return_lse:
         return out, lse.reshape(a.out_shape[:-1])

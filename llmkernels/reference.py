@@ -34,7 +34,16 @@ def _softmax_zero_for_masked_rows(energy: torch.Tensor):
     # Replace such rows by zeros before the softmax so that neither the values nor the gradients see NaN.
     safe = energy.masked_fill(fully_masked, 0.0)
     weights = torch.softmax(safe, dim=-1).masked_fill(fully_masked, 0.0)
-    lse = torch.logsumexp(safe, dim=-1).masked_fill(fully_masked.squeeze(-1), float("-inf"))
+    # lse = m + log(sum(exp(s - m))) with the row max m held constant, rather than torch.logsumexp: the value is
+    # the same, but logsumexp's backward computes exp(s - lse), and where |m| is so large that log(sum) is lost
+    # in lse's rounding (a row whose every key carries a float mask of finfo(float32).min, as transformers
+    # builds it; float64 has the same absorption there) that is exp(0) = 1 for every key, an lse gradient L
+    # times too large instead of the softmax weights. Here autograd differentiates the explicit sum: softmax.
+    # A non-finite max (an inf or NaN score) is replaced by 0, so the value still comes out inf or NaN.
+    m = safe.amax(dim=-1, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    lse = (m + torch.log(torch.exp(safe - m).sum(dim=-1, keepdim=True))).squeeze(-1)
+    lse = lse.masked_fill(fully_masked.squeeze(-1), float("-inf"))
     return weights, lse
 
 
@@ -73,7 +82,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         energy = energy.masked_fill(~causal, float("-inf"))
 
     attention, lse = _softmax_zero_for_masked_rows(energy)
-    if a.dropout_p > 0.0:
+    if a.dropout_p == 1.0:
+        # Every weight dropped: PyTorch's dropout multiplies by 0 (no 1 / (1 - p)), which keeps NaN visible.
+        attention = attention * 0.0
+    elif a.dropout_p > 0.0:
         if dropout_mask is None:
             dropout_mask = torch.rand_like(attention) >= a.dropout_p
         else:

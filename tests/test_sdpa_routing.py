@@ -276,3 +276,37 @@ def test_torch_compile_fullgraph_traces_the_routed_op(device, auto_dispatch):
         torch._dynamo.reset()
     assert len(graphs) == 1 and "llmkernels.sdpa_forward" in graphs[0], graphs
     torch.testing.assert_close(out, TORCH_SDPA(q, k, v, is_causal=True), rtol=2e-5, atol=2e-5)
+
+
+class _CausalAttention(nn.Module):
+    """Client code as models write it: PyTorch's function, looked up at call time."""
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+@pytest.mark.parametrize("dynamic", [None, True], ids=["automatic_dynamic", "dynamic_true"])
+def test_torch_compile_fullgraph_with_dynamic_shapes(device, auto_dispatch, dynamic):
+    """With symbolic shapes (dynamic=True, or automatically on the second sequence length) the router must not
+    format shapes on the success path (dynamo: "missing sq_concat"). Each graph holds the llmkernels op."""
+    graphs = []
+
+    def record_graph(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        with llmkernels.route_sdpa():
+            model = torch.compile(_CausalAttention(), backend=record_graph, fullgraph=True, dynamic=dynamic)
+            for L in (10, 17):
+                q, k, v = _qkv(B=1, Hq=2, Hkv=2, L=L, S=L, E=8, Ev=8, device=device, seed=L)
+                out = model(q, k, v)
+                ref = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+                naive = reference.scaled_dot_product_attention(q, k, v, is_causal=True)
+                assert_by_rule(f"out L={L}", out, ref, naive, torch.float32)
+    finally:
+        torch._dynamo.reset()
+    # dynamic=True: one symbolic graph for both lengths; automatic: a static graph, then a symbolic one.
+    assert len(graphs) == (1 if dynamic else 2), graphs
+    assert all("llmkernels.sdpa_forward" in g for g in graphs), graphs

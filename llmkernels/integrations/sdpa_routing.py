@@ -84,11 +84,14 @@ class RoutingStats:
         self.fallback: collections.Counter = collections.Counter()
         self.recent: collections.deque = collections.deque(maxlen=log_size)
 
-    def _record(self, event: RoutingEvent) -> None:
+    def _record(self, path: str, backend: Optional[str], reason: Optional[str], detail: Callable[[], str]) -> None:
+        """Count one call. ``detail`` builds the event's text; it is called only here, outside tracing."""
         if torch.compiler.is_compiling():
-            # Under torch.compile the router runs once per trace, not per call, so a count would mislead; and
-            # the lock would break a fullgraph=True graph.
+            # Under torch.compile the router runs once per trace, not per call, so a count would mislead; the
+            # lock would break a fullgraph=True graph; and formatting symbolic shapes (dynamic=True, or a second
+            # sequence length) into a string is something dynamo cannot trace.
             return
+        event = RoutingEvent(path, backend, reason, detail())
         with self._lock:
             if event.path == "llmkernels":
                 self.routed[event.backend] += 1
@@ -236,8 +239,8 @@ def _bind(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, 
     return query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, extra
 
 
-def _fallback(reason: str, detail: str, args, kwargs):
-    _stats._record(RoutingEvent("torch", None, reason, detail))
+def _fallback(reason: str, detail: Callable[[], str], args, kwargs):
+    _stats._record("torch", None, reason, detail)
     return _original(*args, **kwargs)
 
 
@@ -248,10 +251,18 @@ def _router(*args, **kwargs):
     try:
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, extra = _bind(*args, **kwargs)
     except TypeError as exc:  # PyTorch raises its own error for a call that does not fit its signature
-        return _fallback(REASON_BAD_CALL, str(exc), args, kwargs)
-    detail = _describe(query, key, value, attn_mask)
+        return _fallback(REASON_BAD_CALL, lambda: str(exc), args, kwargs)
+
+    # The description is built only when an event is recorded (never while dynamo traces the success path), from
+    # the caller's tensors (before any autocast cast below).
+    described = (query, key, value, attn_mask)
+
+    def detail(why: str = "") -> str:
+        text = _describe(*described)
+        return f"{text}: {why}" if why else text
+
     if extra:
-        return _fallback(REASON_EXTRA_ARGS, ", ".join(sorted(extra)), args, kwargs)
+        return _fallback(REASON_EXTRA_ARGS, lambda: ", ".join(sorted(extra)), args, kwargs)
     tensors = tuple(t for t in (query, key, value, attn_mask) if isinstance(t, torch.Tensor))
     if any(type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter) for t in tensors) or \
             torch.overrides.has_torch_function(tensors) or any(t.is_nested for t in tensors):
@@ -272,20 +283,21 @@ def _router(*args, **kwargs):
     try:
         a = contract.check_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     except (TypeError, ValueError) as exc:
-        return _fallback(REASON_CONTRACT, f"{detail}: {exc}", args, kwargs)
+        return _fallback(REASON_CONTRACT, lambda: detail(str(exc)), args, kwargs)
     requested = dispatch.requested_backend(route.backend)  # a bad LLMKERNELS_BACKEND raises here, as it should
     try:
         name = dispatch.choose_attention_backend(a, route.backend)
     except dispatch.NotSupportedError as exc:
         if route.strict:
             raise
-        return _fallback(REASON_BACKEND, f"{detail}: {exc}", args, kwargs)
+        return _fallback(REASON_BACKEND, lambda: detail(str(exc)), args, kwargs)
     if name == "reference" and requested == "auto":
-        reasons = dispatch.attention_not_supported_reasons(a)
-        why = "; ".join(f"{b}: {', '.join(r)}" for b, r in reasons.items() if r)
-        return _fallback(REASON_REFERENCE_ONLY, f"{detail}: {why}", args, kwargs)
+        def why() -> str:
+            reasons = dispatch.attention_not_supported_reasons(a)
+            return detail("; ".join(f"{b}: {', '.join(r)}" for b, r in reasons.items() if r))
+        return _fallback(REASON_REFERENCE_ONLY, why, args, kwargs)
 
-    _stats._record(RoutingEvent("llmkernels", name, None, detail))
+    _stats._record("llmkernels", name, None, detail)
     if autocast_dtype is not None:
         # Inputs are cast already; the kernels (and the reference backend's fp32 math) must not be re-cast.
         with torch.autocast(query.device.type, enabled=False):
