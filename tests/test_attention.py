@@ -276,7 +276,7 @@ def test_dense_backward_fallback_matches_kernels(device, dt, dropout_p):
     out, lse = triton_attention.attention_forward(q, k, v, mask, dropout_p, True, scale, rng)
     args = (grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, True, scale, rng, True)
     kernels = triton_attention.attention_backward(*args)
-    dense = triton_attention._dense_backward(grad_out, q, k, v, lse, grad_lse, mask, dropout_p, True, scale, rng,
+    dense = triton_attention.launch._dense_backward(grad_out, q, k, v, lse, grad_lse, mask, dropout_p, True, scale, rng,
                                              True)
     # Both compute in fp32; the kernels also round P and dS to bf16 for their matrix products (relative 2^-8 on
     # O(1) values), the dense path does not: hence the bf16 bound.
@@ -293,9 +293,9 @@ def test_fp32_dot_precision_follows_allow_tf32():
     previous = matmul.allow_tf32
     try:
         matmul.allow_tf32 = False
-        assert triton_attention._dot_precision(torch.float32) == "ieee"
+        assert triton_attention.launch._dot_precision(torch.float32) == "ieee"
         matmul.allow_tf32 = True
-        assert triton_attention._dot_precision(torch.float32) == "tf32"
-        assert triton_attention._dot_precision(torch.bfloat16) == "tf32"
+        assert triton_attention.launch._dot_precision(torch.float32) == "tf32"
+        assert triton_attention.launch._dot_precision(torch.bfloat16) == "tf32"
     finally:
         matmul.allow_tf32 = previous
