@@ -1,6 +1,7 @@
 """The attention backward kernels (FlashAttention-2, Dao 2023): recompute-based, in three kernels.
 
-(1) preprocess: delta = rowsum(dO * O) - grad_lse and the base-2 lse; (2) dK/dV, one program per key block of
+(1) preprocess: delta = rowsum(dO * O) - grad_lse and the lse in the units of the scores (base 2, or natural
+with a float mask: tiles.py); (2) dK/dV, one program per key block of
 one kv head, looping over the query heads of its GQA group and over query blocks, accumulating dK and dV in
 registers; (3) dQ, one program per query block, looping over key blocks like the forward (it shares the
 forward's opening, ``tiles._query_block``, and writes the float mask's gradient dS when asked, each element
@@ -17,19 +18,20 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiles import _dropout_keep, _load_rows, _masked_scores, _query_block
+from .tiles import _dropout_keep, _exp_scores, _load_rows, _masked_scores, _query_block, _score_scale
 
 
 @triton.jit
-def _attn_bwd_preprocess_kernel(Out, dO, GradLse, Lse, Delta, Lse2,
+def _attn_bwd_preprocess_kernel(Out, dO, GradLse, Lse, Delta, ScoreLse,
                                 stride_ob, stride_oh, stride_om, stride_od,
                                 stride_dob, stride_doh, stride_dom, stride_dod,
                                 stride_glb, stride_glh, stride_glm,
                                 Hq, L, HEAD_DIM_V: tl.constexpr, HAS_GRAD_LSE: tl.constexpr,
-                                BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+                                SCORES_NATURAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
     """delta = rowsum(dO * O) - grad_lse (the softmax backward's row term; it equals rowsum(P * dP) with or
-    without dropout), and the base-2 lse the other passes subtract: -inf (fully masked row) becomes +inf, so
-    recomputed weights exp2(s - lse2) are 0 there instead of NaN."""
+    without dropout), and the lse the other passes subtract, in the units of their scores (natural when
+    SCORES_NATURAL, i.e. with a float mask; else base 2): -inf (fully masked row) becomes +inf, so recomputed
+    weights exp(s - score_lse) are 0 there instead of NaN."""
     num_m_blocks = tl.cdiv(L, BLOCK_M)
     pid = tl.program_id(0)
     bh = pid // num_m_blocks
@@ -50,13 +52,15 @@ def _attn_bwd_preprocess_kernel(Out, dO, GradLse, Lse, Delta, Lse2,
         delta -= tl.load(GradLse + off_b.to(tl.int64) * stride_glb + off_h.to(tl.int64) * stride_glh
                          + offs_m.to(tl.int64) * stride_glm, mask=row_ok, other=0.0)
     lse = tl.load(Lse + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    if not SCORES_NATURAL:
+        lse = lse * 1.4426950408889634
+    score_lse = tl.where(lse == float("-inf"), float("inf"), lse)
     tl.store(Delta + bh.to(tl.int64) * L + offs_m, delta, mask=row_ok)
-    tl.store(Lse2 + bh.to(tl.int64) * L + offs_m, lse2, mask=row_ok)
+    tl.store(ScoreLse + bh.to(tl.int64) * L + offs_m, score_lse, mask=row_ok)
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, dO_base, Lse2_base, Delta_base, mask_base, lo, hi, offs_n,
+def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, dO_base, ScoreLse_base, Delta_base, mask_base, lo, hi, offs_n,
                          col_ok, L, S, stride_qm, stride_qd, stride_dom, stride_dod, stride_mask_m, qk_scale,
                          seed, philox_cols, dropout_p, DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
                          HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -84,17 +88,17 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, dO_base, Lse2_base, Delta_base, m
         q = _load_rows(Q_base + start64 * stride_qm + q_offs, offs_m, L, offs_d, HEAD_DIM, BLOCK_D, CHECK)
         mask_ptrs = mask_base + start64 * stride_mask_m + mask_offs
         if CHECK:
-            # Rows past L: lse2 = +inf makes their weights 0 (and their q, dO are 0).
-            lse2 = tl.load(Lse2_base + offs_m, mask=row_ok, other=float("inf"))
+            # Rows past L: score_lse = +inf makes their weights 0 (and their q, dO are 0).
+            score_lse = tl.load(ScoreLse_base + offs_m, mask=row_ok, other=float("inf"))
             delta = tl.load(Delta_base + offs_m, mask=row_ok, other=0.0)
         else:
-            lse2 = tl.load(Lse2_base + offs_m)
+            score_lse = tl.load(ScoreLse_base + offs_m)
             delta = tl.load(Delta_base + offs_m)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
         # Queries run along axis 1 here; the causal test "key <= query" reads offs_n[:, None] <= offs_m[None, :].
         s_t = _masked_scores(s_t, mask_ptrs, row_ok[None, :], col_ok, offs_m[None, :], offs_n[:, None], HAS_MASK,
                              MASK_IS_BOOL, IS_CAUSAL, CHECK)
-        p_t = tl.math.exp2(s_t - lse2[None, :])
+        p_t = _exp_scores(s_t - score_lse[None, :], HAS_MASK, MASK_IS_BOOL)
         do = _load_rows(dO_base + start64 * stride_dom + do_offs, offs_m, L, offs_dv, HEAD_DIM_V, BLOCK_DV, CHECK)
         if DO_DV:
             if HAS_DROPOUT:
@@ -112,7 +116,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, dO_base, Lse2_base, Delta_base, m
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, dO, Mask, RngState, Lse2, Delta, dK, dV,
+def _attn_bwd_dkdv_kernel(Q, K, V, dO, Mask, RngState, ScoreLse, Delta, dK, dV,
                           stride_qb, stride_qh, stride_qm, stride_qd,
                           stride_kb, stride_kh, stride_kn, stride_kd,
                           stride_vb, stride_vh, stride_vn, stride_vd,
@@ -153,7 +157,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, dO, Mask, RngState, Lse2, Delta, dK, dV,
                    offs_n, S, offs_dv, HEAD_DIM_V, BLOCK_DV, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = _score_scale(scale, HAS_MASK, MASK_IS_BOOL)
 
     # Causal: query blocks before m_lo see none of these keys and are skipped.
     m_lo = (start_n // BLOCK_M) * BLOCK_M if IS_CAUSAL else 0
@@ -167,7 +171,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, dO, Mask, RngState, Lse2, Delta, dK, dV,
         bh = off_b * Hq + off_h
         Q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
         dO_base = dO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
-        Lse2_base = Lse2 + bh.to(tl.int64) * L
+        ScoreLse_base = ScoreLse + bh.to(tl.int64) * L
         Delta_base = Delta + bh.to(tl.int64) * L
         mask_base = Mask
         if HAS_MASK:
@@ -182,13 +186,13 @@ def _attn_bwd_dkdv_kernel(Q, K, V, dO, Mask, RngState, Lse2, Delta, dK, dV,
         # causal/bound tests cost a compare and a select per score. A non-causal call with L a multiple of
         # BLOCK_M (EVEN_M) compiles without any test.
         if IS_CAUSAL or not EVEN_M:
-            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, dO_base, Lse2_base, Delta_base, mask_base, m_lo,
+            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, dO_base, ScoreLse_base, Delta_base, mask_base, m_lo,
                                           L, offs_n, col_ok, L, S, stride_qm, stride_qd, stride_dom, stride_dod,
                                           stride_mask_m, qk_scale, seed, philox_cols, dropout_p, DOT_PRECISION,
                                           HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, HAS_MASK, MASK_IS_BOOL,
                                           IS_CAUSAL, HAS_DROPOUT, True, DO_DK, DO_DV)
         else:
-            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, dO_base, Lse2_base, Delta_base, mask_base, 0, L,
+            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, dO_base, ScoreLse_base, Delta_base, mask_base, 0, L,
                                           offs_n, col_ok, L, S, stride_qm, stride_qd, stride_dom, stride_dod,
                                           stride_mask_m, qk_scale, seed, philox_cols, dropout_p, DOT_PRECISION,
                                           HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, HAS_MASK, MASK_IS_BOOL,
@@ -205,7 +209,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, dO, Mask, RngState, Lse2, Delta, dK, dV,
 
 
 @triton.jit
-def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, mask_base, dmask_base, lo, hi, offs_m, row_ok, S,
+def _attn_bwd_dq_inner(dq, q, do, score_lse, delta, K_base, V_base, mask_base, dmask_base, lo, hi, offs_m, row_ok, S,
                        stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n, qk_scale, seed, philox_rows,
                        dropout_p, DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -226,7 +230,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, mask_base, dmask_
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         s = _masked_scores(s, mask_ptrs, row_ok[:, None], col_ok, offs_m[:, None], offs_n[None, :], HAS_MASK,
                            MASK_IS_BOOL, IS_CAUSAL, CHECK)
-        p = tl.math.exp2(s - lse2[:, None])
+        p = _exp_scores(s - score_lse[:, None], HAS_MASK, MASK_IS_BOOL)
         v = _load_rows(v_ptrs, offs_n, S, offs_dv, HEAD_DIM_V, BLOCK_DV, CHECK)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
@@ -247,7 +251,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, mask_base, dmask_
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, dO, Mask, RngState, Lse2, Delta, dQ, dMask,
+def _attn_bwd_dq_kernel(Q, K, V, dO, Mask, RngState, ScoreLse, Delta, dQ, dMask,
                         stride_qb, stride_qh, stride_qm, stride_qd,
                         stride_kb, stride_kh, stride_kn, stride_kd,
                         stride_vb, stride_vh, stride_vn, stride_vd,
@@ -268,19 +272,19 @@ def _attn_bwd_dq_kernel(Q, K, V, dO, Mask, RngState, Lse2, Delta, dQ, dMask,
     do = _load_rows(dO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
                     + offs_m.to(tl.int64)[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
                     offs_m, L, offs_dv, HEAD_DIM_V, BLOCK_DV, True)
-    lse2 = tl.load(Lse2 + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=float("inf"))
+    score_lse = tl.load(ScoreLse + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(Delta + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
     dmask_base = dMask
     if WRITE_DMASK:
         dmask_base = dMask + (bh.to(tl.int64) * L + offs_m.to(tl.int64)[:, None]) * S  # contiguous (B,Hq,L,S)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    qk_scale = scale * 1.4426950408889634
-    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, mask_base, dmask_base, 0, n_plain, offs_m,
+    qk_scale = _score_scale(scale, HAS_MASK, MASK_IS_BOOL)
+    dq = _attn_bwd_dq_inner(dq, q, do, score_lse, delta, K_base, V_base, mask_base, dmask_base, 0, n_plain, offs_m,
                             row_ok, S, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n, qk_scale, seed,
                             philox_rows, dropout_p, DOT_PRECISION, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D,
                             BLOCK_DV, HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, HAS_DROPOUT, WRITE_DMASK, False)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K_base, V_base, mask_base, dmask_base, n_plain, hi, offs_m,
+    dq = _attn_bwd_dq_inner(dq, q, do, score_lse, delta, K_base, V_base, mask_base, dmask_base, n_plain, hi, offs_m,
                             row_ok, S, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n, qk_scale, seed,
                             philox_rows, dropout_p, DOT_PRECISION, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D,
                             BLOCK_DV, HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, HAS_DROPOUT, WRITE_DMASK, True)

@@ -2,7 +2,8 @@
 
 One program per (query block of BLOCK_M rows, batch*head). K/V stream through in BLOCK_N blocks; an online
 softmax keeps the running row max ``m`` and sum ``l`` in fp32, in base 2 (log2(e) is folded into the scale once,
-so every exponential is an ``exp2``); lse is stored in natural log for the backward. Nothing of size L x S is
+so every exponential is an ``exp2``), or in natural-log units with a float mask (tiles.py says why); lse is
+stored in natural log for the backward. Nothing of size L x S is
 ever materialised. With ``is_causal`` the key blocks that are entirely above the diagonal are never visited (the
 loop stops at the diagonal) and only the blocks that straddle it pay for the causal test.
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiles import _dropout_keep, _load_rows, _masked_scores, _query_block
+from .tiles import _dropout_keep, _exp_scores, _load_rows, _masked_scores, _query_block, _score_scale
 
 
 @triton.jit
@@ -43,11 +44,11 @@ def _attn_fwd_inner(acc, m_i, l_i, q, K_base, V_base, mask_base, lo, hi, offs_m,
         s = _masked_scores(s, mask_ptrs, row_ok[:, None], col_ok, offs_m[:, None], offs_n[None, :], HAS_MASK,
                            MASK_IS_BOOL, IS_CAUSAL, CHECK)
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with every key so far masked keeps m = -inf; subtracting 0 instead makes its exp2 terms 0
-        # rather than exp2(-inf + inf) = NaN. NaN scores still give NaN (they are never masked away).
+        # A row with every key so far masked keeps m = -inf; subtracting 0 instead makes its exp terms 0
+        # rather than exp(-inf + inf) = NaN. NaN scores still give NaN (they are never masked away).
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = _exp_scores(m_i - m_safe, HAS_MASK, MASK_IS_BOOL)
+        p = _exp_scores(s - m_safe[:, None], HAS_MASK, MASK_IS_BOOL)
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
             # l sums the weights before dropout (dropout acts on normalised weights); only P V sees it.
@@ -84,7 +85,7 @@ def _attn_fwd_kernel(Q, K, V, Mask, RngState, Out, Lse,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    qk_scale = scale * 1.4426950408889634  # base 2: exp(x * scale) = exp2(x * scale * log2(e))
+    qk_scale = _score_scale(scale, HAS_MASK, MASK_IS_BOOL)
 
     acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, K_base, V_base, mask_base, 0, n_plain, offs_m, row_ok, L, S,
                                     stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n, qk_scale, seed,
@@ -103,7 +104,10 @@ def _attn_fwd_kernel(Q, K, V, Mask, RngState, Out, Lse,
     if HAS_DROPOUT:
         inv_l = inv_l / (1.0 - dropout_p)
     out = acc * inv_l[:, None]
-    lse = tl.where(fully_masked, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    if HAS_MASK and not MASK_IS_BOOL:
+        lse = tl.where(fully_masked, float("-inf"), m_i + tl.math.log2(l_safe) * 0.6931471805599453)
+    else:
+        lse = tl.where(fully_masked, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     o_ptrs = (Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
               + offs_m.to(tl.int64)[:, None] * stride_om + offs_dv[None, :] * stride_od)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))

@@ -84,6 +84,22 @@ def attention_forward(q, k, v, mask, dropout_p: float, is_causal: bool, scale: f
     return out, lse
 
 
+# The kernels' backward recomputes the weights as exp(s - lse). Where a float mask gives every visible key of a
+# row a huge negative value (transformers' finfo(dtype).min on padded rows), lse = m + log(l) is so large that
+# fp32 cannot hold the log(l) part (at |lse| >= 2^16 its spacing is 2^-7, beyond that up to 2^104), so the
+# recomputed weights of that row would be off by up to the factor l. Such calls take the dense backward, which
+# normalises the weights from the scores themselves. Without a float mask |lse| stays within the scores' range.
+LSE_EXACT_LIMIT = 2.0 ** 16
+
+
+def _lse_loses_precision(lse, mask) -> bool:
+    """Whether a row's lse is too large for exp(s - lse) to give its weights (see LSE_EXACT_LIMIT). On a GPU
+    this reads one flag back (a sync), for float-mask calls only."""
+    if mask is None or mask.dtype == torch.bool:
+        return False
+    return bool((torch.isfinite(lse) & (lse.abs() >= LSE_EXACT_LIMIT)).any())
+
+
 def _needs_dense_backward(q, E, Ev, dropout_p) -> bool:
     """On a GPU, whether no spill-free Triton config exists for this backward (see _CONFIGS and _EXCLUDED)."""
     arch = 0 if q.device.type != "cuda" else _device_arch()
@@ -97,11 +113,12 @@ def _needs_dense_backward(q, E, Ev, dropout_p) -> bool:
 
 def _dense_backward(grad_out, q, k, v, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state,
                     mask_needs_grad):
-    """The same backward in dense PyTorch, in fp32, from our forward's lse and our Philox keep pattern.
+    """The same backward in dense PyTorch, in fp32, with our Philox keep pattern; lse enters through grad_lse.
 
     Used only where every Triton config of the backward spills (fp32 at head dims above 128; fp16/bf16 with
-    dropout at head dims above 128 on sm_90): it materialises L x S per (batch, head), so it is a correctness
-    fallback for rare shapes, not a fast path.
+    dropout at head dims above 128 on sm_90), and for float-mask calls with a row whose lse fp32 cannot resolve
+    (LSE_EXACT_LIMIT): it materialises L x S per (batch, head), so it is a correctness fallback for rare calls,
+    not a fast path.
     """
     B, Hq, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
@@ -115,9 +132,12 @@ def _dense_backward(grad_out, q, k, v, lse, grad_lse, mask, dropout_p, is_causal
     if is_causal:
         visible = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~visible, float("-inf"))
-    # Fully masked rows have lse = -inf: subtracting +inf makes their weights 0 (as in the kernels).
-    lse_safe = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
-    p = torch.exp(scores - lse_safe.unsqueeze(-1))
+    # The weights from the row max and sum of the scores, not exp(scores - lse) (see LSE_EXACT_LIMIT). A fully
+    # masked row (max -inf) subtracts 0 and divides by 1: weights 0, as in the kernels. NaN stays NaN.
+    row_max = scores.amax(dim=-1, keepdim=True)
+    e = torch.exp(scores - torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max))
+    total = e.sum(dim=-1, keepdim=True)
+    p = e / torch.where(total == 0, torch.ones_like(total), total)
     d_out = grad_out.to(f32)
     dp = torch.einsum("bhld,bhsd->bhls", d_out, values)
     p_dropped = p
@@ -147,18 +167,21 @@ def attention_backward(grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, i
     """FlashAttention-2 backward: (dq, dk, dv, dmask); dmask (B, Hq, L, S) fp32 = dS when mask_needs_grad."""
     B, Hq, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
-    if _needs_dense_backward(q, E, Ev, dropout_p):
+    if _needs_dense_backward(q, E, Ev, dropout_p) or _lse_loses_precision(lse, mask):
         return _dense_backward(grad_out, q, k, v, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state,
                                mask_needs_grad)
     dev = q.device
     lse = lse.contiguous()  # our own forward output: already contiguous, so no copy
     delta = torch.empty((B, Hq, L), dtype=torch.float32, device=dev)
-    lse2 = torch.empty((B, Hq, L), dtype=torch.float32, device=dev)
+    score_lse = torch.empty((B, Hq, L), dtype=torch.float32, device=dev)
     gl = grad_lse
+    # A float mask keeps the scores in natural-log units (tiles.py): the lse the passes subtract must match.
+    scores_natural = mask is not None and mask.dtype != torch.bool
     _attn_bwd_preprocess_kernel[(triton.cdiv(L, PREPROCESS_BLOCK_M) * B * Hq,)](
-        out, grad_out, gl if gl is not None else lse, lse, delta, lse2,
+        out, grad_out, gl if gl is not None else lse, lse, delta, score_lse,
         *out.stride(), *grad_out.stride(), *(gl.stride() if gl is not None else (0, 0, 0)),
-        Hq, L, HEAD_DIM_V=Ev, HAS_GRAD_LSE=gl is not None, BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_DV=_block(Ev))
+        Hq, L, HEAD_DIM_V=Ev, HAS_GRAD_LSE=gl is not None, SCORES_NATURAL=scores_natural,
+        BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_DV=_block(Ev))
 
     dq = _alloc.new_output((B, Hq, L, E), q.dtype, dev)
     dk = _alloc.new_output((B, Hkv, S, E), k.dtype, dev)
@@ -177,11 +200,11 @@ def attention_backward(grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, i
     split = _split_dkdv(max(_block(E), _block(Ev)), q.dtype)
     for do_dk, do_dv in (((False, True), (True, False)) if split else ((True, True),)):
         _launch(_attn_bwd_dkdv, lambda meta: triton.cdiv(S, meta["BLOCK_N"]) * B * Hkv,
-                q, k, v, grad_out, mask_t, rng_t, lse2, delta, dk, dv, *strides,
+                q, k, v, grad_out, mask_t, rng_t, score_lse, delta, dk, dv, *strides,
                 Hq, Hkv, L, S, Hq // Hkv, float(scale), float(dropout_p), _seq_bucket(L), _seq_bucket(S),
                 DO_DK=do_dk, DO_DV=do_dv, **common)
     _launch(_attn_bwd_dq, lambda meta: triton.cdiv(L, meta["BLOCK_M"]) * B * Hq,
-            q, k, v, grad_out, mask_t, rng_t, lse2, delta, dq, dmask if write_dmask else dq, *strides,
+            q, k, v, grad_out, mask_t, rng_t, score_lse, delta, dq, dmask if write_dmask else dq, *strides,
             Hq, L, S, Hq // Hkv, float(scale), float(dropout_p), _seq_bucket(L), _seq_bucket(S),
             WRITE_DMASK=write_dmask, **common)
     return dq, dk, dv, dmask

@@ -70,7 +70,7 @@ def _common_args(dtype, head_dim, flags):
     names.update(Q=dt, K=dt, V=dt, Out=dt, dO=dt, dQ=dt, dK=dt, dV=dt,
                  Mask="*fp32" if flags.get("HAS_MASK") else dt,
                  RngState="*i64" if flags.get("HAS_DROPOUT") else "*fp32",
-                 Lse="*fp32", Lse2="*fp32", Delta="*fp32", dMask="*fp32" if flags.get("WRITE_DMASK") else dt,
+                 Lse="*fp32", ScoreLse="*fp32", Delta="*fp32", dMask="*fp32" if flags.get("WRITE_DMASK") else dt,
                  Hq=H, Hkv=H // 2, L=L, S=L, GROUP=2, scale=0.1, dropout_p=0.1, L_BUCKET=L, S_BUCKET=L,
                  HEAD_DIM=D, HEAD_DIM_V=D, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
                  BLOCK_D=D, BLOCK_DV=D, EVEN_M=L % 128 == 0, DO_DK=True, DO_DV=True, **flags)
@@ -110,9 +110,10 @@ def compile_specs(arch: int) -> list:
                                     f"s{cfg.num_stages}")
                             specs.append(_spec(name, fn, args, cfg, expect_mma=dtype != torch.float32))
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        args = _common_args(dtype, 256, dict(HAS_GRAD_LSE=True))
-        args.update(stride_glb=_SPEC_H * _SPEC_L, stride_glh=_SPEC_L, stride_glm=1, GradLse="*fp32",
-                    BLOCK_M=PREPROCESS_BLOCK_M)
-        specs.append(_spec(f"attn_bwd_preprocess {_TRITON_DTYPE[dtype]} d256", _attn_bwd_preprocess_kernel,
-                           args, triton.Config({}, num_warps=4, num_stages=1), expect_mma=False))
+        for natural, tag in ((False, ""), (True, " float-mask")):  # the lse in base-2 / natural score units
+            args = _common_args(dtype, 256, dict(HAS_GRAD_LSE=True, SCORES_NATURAL=natural))
+            args.update(stride_glb=_SPEC_H * _SPEC_L, stride_glh=_SPEC_L, stride_glm=1, GradLse="*fp32",
+                        BLOCK_M=PREPROCESS_BLOCK_M)
+            specs.append(_spec(f"attn_bwd_preprocess {_TRITON_DTYPE[dtype]} d256{tag}", _attn_bwd_preprocess_kernel,
+                               args, triton.Config({}, num_warps=4, num_stages=1), expect_mma=False))
     return specs

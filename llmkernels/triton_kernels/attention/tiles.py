@@ -9,6 +9,16 @@ and the opening of the kernels that own one query block (forward and dQ).
   offset ``base + ((b * Hq + h) * L + i) * S + j``; nothing is stored. Kept weights are scaled by 1 / (1 - p).
   ``_dropout_keep_mask_kernel`` runs the same helper to hand the exact pattern to tests.
 
+Score units. Without a mask and with a bool mask the scores are kept in base 2 (log2(e) folded into the scale
+once, so each exponential is one ``exp2``). With a float (additive) mask they stay in natural-log units:
+``s = scale * q.k + mask``, running max and lse natural, and each exponential is ``exp(s - m)``, which Triton
+lowers for fp32 to exactly ``exp2((s - m) * log2(e))`` (one multiply, one ``ex2``). Scaling the mask by log2(e)
+instead would overflow to -inf for mask values below about -2.36e38: transformers' ``(1 - mask) *
+finfo(dtype).min`` masks would then turn a row whose every key carries that value into a "fully masked" row
+(output 0), where the contract (and PyTorch) add the finite value and average V. In Triton's interpreter
+``exp`` is numpy's, which underflows to 0 silently where ``(s - m) * log2(e)`` would overflow with a warning.
+``_score_scale`` and ``_exp_scores`` make the choice, by constexpr, so the base-2 paths compile as before.
+
 The kernels write log2(e) = 1.4426950408889634 (exp(x) = exp2(x * log2(e))) and ln(2) = 0.6931471805599453
 (ln(x) = log2(x) * ln(2)) as literals: plain Python globals are not constants inside @triton.jit code.
 """
@@ -71,9 +81,30 @@ def _dropout_keep_mask_kernel(RngState, Keep, L, S, dropout_p, BLOCK_M: tl.const
 
 
 @triton.jit
+def _score_scale(scale, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr):
+    """The factor of q.k in the scores: ``scale`` (natural units) with a float mask, else ``scale * log2(e)``."""
+    if HAS_MASK and not MASK_IS_BOOL:
+        qk_scale = scale
+    else:
+        qk_scale = scale * 1.4426950408889634  # base 2: exp(x * scale) = exp2(x * scale * log2(e))
+    return qk_scale
+
+
+@triton.jit
+def _exp_scores(x, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr):
+    """exp of a difference ``x`` of scores (or of a score and an lse) in the units ``_score_scale`` chose."""
+    if HAS_MASK and not MASK_IS_BOOL:
+        e = tl.exp(x)
+    else:
+        e = tl.math.exp2(x)
+    return e
+
+
+@triton.jit
 def _masked_scores(s, mask_ptrs, row_ok, col_ok, offs_m, offs_n, HAS_MASK: tl.constexpr,
                    MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, CHECK: tl.constexpr):
-    """Apply the user mask, the causal rule and the key bound to base-2 scores ``s`` (a tile in any orientation).
+    """Apply the user mask, the causal rule and the key bound to scores ``s`` (a tile in any orientation), in the
+    units ``_score_scale`` chose: natural with a float mask, base 2 otherwise.
 
     offs_m / offs_n, row_ok / col_ok are shaped so that they broadcast against ``s`` (query index along one axis,
     key index along the other). The mask tile is always loaded with both bounds, because it is a separate tensor
@@ -84,8 +115,8 @@ def _masked_scores(s, mask_ptrs, row_ok, col_ok, offs_m, offs_n, HAS_MASK: tl.co
         if MASK_IS_BOOL:
             s = tl.where(user_mask != 0, s, float("-inf"))
         else:
-            # An additive mask is in natural-log units; the scores are in base 2. -inf stays -inf.
-            s = s + user_mask.to(tl.float32) * 1.4426950408889634
+            # Added as it is: the scores are in natural-log units on this path (see the module docstring).
+            s = s + user_mask.to(tl.float32)
     if CHECK:
         visible = col_ok
         if IS_CAUSAL:
