@@ -1,10 +1,11 @@
 """The static kernel report: what the compilers made of every kernel, for sm_90 and sm_80, without a GPU.
 
-Triton: each config of ``compile_specs(arch)`` in ``llmkernels/triton_kernels/attention.py`` and ``softmax.py``
-is compiled with ``llmkernels.triton_kernels.compile_check`` (``triton.compile`` for a ``GPUTarget``), which
-reads registers, shared memory, spills (local memory, LDL/STL) and the matrix instructions (HGMMA on sm_90,
-HMMA on sm_80) from the cubin. By default one representative config per kernel function is compiled (the
-first bf16 one), which keeps a default CPU run to a minute or so; ``--full`` compiles every config.
+Triton: each config of ``compile_specs(arch)`` of the kernel modules that
+``llmkernels.triton_kernels.compile_report.KERNEL_MODULES`` lists (the ``attention`` package's ``specs.py``,
+``softmax.py``) is compiled with ``llmkernels.triton_kernels.compile_check`` (``triton.compile`` for a
+``GPUTarget``), which reads registers, shared memory, spills (local memory, LDL/STL) and the matrix instructions
+(HGMMA on sm_90, HMMA on sm_80) from the cubin. By default one representative config per kernel function is
+compiled (the first bf16 one), which keeps a default CPU run to a minute or so; ``--full`` compiles every config.
 CUDA C++: the per-kernel report of the CUDA backend (``llmkernels/cuda_ext.py``).
 
 Run it in a process where Triton's interpreter is off:  python -m benchmarks.static_report [--full] [--json F]
@@ -20,7 +21,8 @@ import os
 import sys
 import time
 
-TRITON_MODULES = ("attention", "softmax")
+from llmkernels.triton_kernels.compile_report import KERNEL_MODULES as TRITON_MODULES
+
 REPORT_FIELDS = ("name", "arch", "ok", "error", "registers", "local_bytes", "spill_instructions", "shared_bytes",
                  "hgmma", "hmma", "expect_mma")
 
@@ -65,7 +67,7 @@ def triton_report(archs, full: bool, jobs: int, name_filter: str = "") -> dict:
                 specs = _module(name).compile_specs(arch)
             except Exception as exc:  # kernel module not written yet, or broken
                 unavailable.append({"module": name, "arch": arch,
-                                    "reason": f"llmkernels/triton_kernels/{name}.py: {_short(exc)}"})
+                                    "reason": f"llmkernels.triton_kernels.{name}: {_short(exc)}"})
                 continue
             if name_filter:  # every config whose name contains the filter
                 picked = [i for i, spec in enumerate(specs) if name_filter in spec.name]

@@ -27,13 +27,15 @@ def _grads(out, lse, inputs, grad_out, grad_lse):
 
 
 def check_attention(backend, keep_mask, q, k, v, mask=None, *, is_causal=False, scale=None, enable_gqa=False,
-                    dropout_p=0.0, grad_out=None, mask_grad=True, seed=0):
+                    dropout_p=0.0, grad_out=None, mask_grad=True, lse_grad=True, seed=0):
     """Run ours (``backend``) and the references on the same leaves; assert the tolerance rule on everything.
 
     q, k, v in the test dtype; ``mask`` a broadcastable bool/float mask (a float mask gets a gradient when
     ``mask_grad``). ``keep_mask(rng_state, shape, dropout_p, device)`` returns the backend's dropout keep pattern
     (True = keep) of the (B, Hq, L, S) scores for the rng_state our op drew; it is called only with dropout.
-    ``grad_out`` is the output's gradient (random when None). Returns (out, lse, [dq, dk, dv(, dmask)]); the
+    ``grad_out`` is the output's gradient (random when None); ``lse_grad=False`` makes lse's gradient 0 (for
+    rows at finfo.min, where the references' own lse gradient is off: torch.logsumexp's backward takes
+    exp(x - lse), and lse = m + log(l) rounds to m there, even in float64). Returns (out, lse, [dq, dk, dv(, dmask)]); the
     tensors our op was called with are left in ``check_attention.last_inputs`` (for the no-copy tests).
     """
     dtype, device = q.dtype, q.device
@@ -63,6 +65,8 @@ def check_attention(backend, keep_mask, q, k, v, mask=None, *, is_causal=False, 
     if grad_out is None:
         grad_out = torch.randn(out.shape, generator=gen).to(device)
     grad_lse = torch.randn(lse.shape, generator=gen).to(device)
+    if not lse_grad:
+        grad_lse = torch.zeros_like(grad_lse)
     ours_grads = _grads(out, lse, ours_in, grad_out, grad_lse)
 
     def run_reference(cast, compute_dtype):

@@ -276,8 +276,8 @@ def test_dense_backward_fallback_matches_kernels(device, dt, dropout_p):
     out, lse = triton_attention.attention_forward(q, k, v, mask, dropout_p, True, scale, rng)
     args = (grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, True, scale, rng, True)
     kernels = triton_attention.attention_backward(*args)
-    dense = triton_attention._dense_backward(grad_out, q, k, v, lse, grad_lse, mask, dropout_p, True, scale, rng,
-                                             True)
+    dense = triton_attention.launch._dense_backward(grad_out, q, k, v, lse, grad_lse, mask, dropout_p, True, scale,
+                                                    rng, True)
     # Both compute in fp32; the kernels also round P and dS to bf16 for their matrix products (relative 2^-8 on
     # O(1) values), the dense path does not: hence the bf16 bound.
     tol = 2e-5 if dtype == torch.float32 else 3e-2
@@ -293,9 +293,89 @@ def test_fp32_dot_precision_follows_allow_tf32():
     previous = matmul.allow_tf32
     try:
         matmul.allow_tf32 = False
-        assert triton_attention._dot_precision(torch.float32) == "ieee"
+        assert triton_attention.launch._dot_precision(torch.float32) == "ieee"
         matmul.allow_tf32 = True
-        assert triton_attention._dot_precision(torch.float32) == "tf32"
-        assert triton_attention._dot_precision(torch.bfloat16) == "tf32"
+        assert triton_attention.launch._dot_precision(torch.float32) == "tf32"
+        assert triton_attention.launch._dot_precision(torch.bfloat16) == "tf32"
     finally:
         matmul.allow_tf32 = previous
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Float masks at finfo(dtype).min (transformers' additive masks: (1 - mask) * finfo(dtype).min). The kernels keep
+# such scores in natural-log units, so the mask is added as it is: a row whose every key carries finfo.min is the
+# mean of V (as in PyTorch), not a "fully masked" row; and the interpreter raises no overflow warning (numpy's
+# RuntimeWarning is an error in these tests).
+
+
+def _finfo_mask(shape, dtype, rows_all=(), rows_some=(), device="cpu"):
+    """A zero float mask of ``shape`` (..., L, S) in ``dtype``: finfo(dtype).min on every key of ``rows_all`` and
+    on the even keys of ``rows_some``."""
+    mask = torch.zeros(shape, dtype=dtype)
+    low = torch.finfo(dtype).min
+    for r in rows_all:
+        mask[..., r, :] = low
+    for r in rows_some:
+        mask[..., r, ::2] = low
+    return mask.to(device)
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_float_mask_at_finfo_min_matches_pytorch(device):
+    """The issue's reproduction: row 3 of the mask is finfo(float32).min on every key. Output, lse and every
+    gradient (dq, dk, dv, mask) agree with torch's SDPA and with the float64 reference."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 8, 16, generator=gen).to(device) for _ in range(3))
+    mask = _finfo_mask((1, 1, 8, 8), torch.float32, rows_all=(3,), device=device)
+    out, lse, grads = check_against_reference(q, k, v, mask, lse_grad=False)
+    assert torch.isfinite(lse).all() and torch.isfinite(out).all()
+    # lse's own gradient is the softmax: 1/8 on every key of row 3 (the references' logsumexp backward gives 1
+    # there, see attention_check), 0 elsewhere.
+    mask_leaf = leaf(mask)
+    _, lse = llmkernels.scaled_dot_product_attention(q, k, v, attn_mask=mask_leaf, return_lse=True, backend="triton")
+    (dmask,) = torch.autograd.grad(lse[0, :, 3].sum(), [mask_leaf])
+    torch.testing.assert_close(dmask[0, 0, 3], torch.full((8,), 2 / 8, device=device))
+    assert (dmask[0, 0, torch.arange(8) != 3] == 0).all()
+
+    leaves = [leaf(t) for t in (q, k, v, mask)]
+    expected = torch.nn.functional.scaled_dot_product_attention(*leaves)
+    grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    expected_grads = torch.autograd.grad(expected, leaves, grad_out)
+    ours_leaves = [leaf(t) for t in (q, k, v, mask)]
+    ours = llmkernels.scaled_dot_product_attention(*ours_leaves, backend="triton")
+    ours_grads = torch.autograd.grad(ours, ours_leaves, grad_out)
+    # Row 3 sees every key with the same (rounded) score: the mean of V, as PyTorch gives.
+    torch.testing.assert_close(ours[0, :, 3], v[0].mean(dim=1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    for name, a, b in zip(("dq", "dk", "dv", "dmask"), ours_grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("dt,B,H,L,S,E,causal", [
+    ("fp32", 1, 2, 19, 23, 24, False),
+    ("fp16", 2, 1, 17, 33, 40, False),
+    ("bf16", 1, 3, 21, 18, 16, True),
+    ("fp16", 1, 2, 33, 31, 16, True),
+])
+def test_float_mask_at_finfo_min_of_its_dtype(device, dt, B, H, L, S, E, causal):
+    """Masks at the input dtype's own finfo.min, odd sizes: some rows with every key at finfo.min, some with only
+    some keys; with causal masking too. Output, lse and gradients by the tolerance rule."""
+    dtype = DTYPES[dt]
+    q, k, v = _inputs(B, H, H, L, S, E, E, dtype, device, seed=31)
+    mask = _finfo_mask((1, H, L, S), dtype, rows_all=(0, L // 2, L - 1), rows_some=(1, 4), device=device)
+    out, lse, _ = check_against_reference(q, k, v, mask, is_causal=causal, lse_grad=False)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+
+
+def test_float_mask_with_large_lse_takes_exact_backward(device):
+    """Where every visible key of a row carries a huge negative value, lse = m + log(l) cannot hold log(l) in
+    fp32 and the kernels' exp(s - lse) would be off by the factor l: such calls take the dense backward, which
+    normalises the weights from the scores (checked by the rule above); rows of moderate lse keep the kernels."""
+    lse = torch.tensor([[[1.0, -3.0e38, 2.0]]], device=device)
+    float_mask = torch.zeros(3, 3, device=device)
+    assert triton_attention.launch._lse_loses_precision(lse, float_mask)
+    assert not triton_attention.launch._lse_loses_precision(lse, float_mask.bool())
+    assert not triton_attention.launch._lse_loses_precision(lse, None)
+    moderate = torch.tensor([[[1.0, -6.0e4, float("-inf")]]], device=device)
+    assert not triton_attention.launch._lse_loses_precision(moderate, float_mask)

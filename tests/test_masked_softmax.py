@@ -362,3 +362,41 @@ def test_compile_specs_list_every_plan(arch):
     for s in specs:  # every kernel parameter is typed, as the compiler needs
         assert list(s.signature) == [name for name, _ in sm._params(s.fn)], s.name
         assert {k for k, v in s.signature.items() if v == "constexpr"} == set(s.constexprs), s.name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# float masks at finfo(dtype).min (transformers' additive masks): added as they are, so a row whose every entry
+# carries finfo.min is uniform (as in PyTorch), not "fully masked"; no overflow warning from the interpreter.
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("path", ["on_chip", "online", "online_chunked"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_float_mask_at_finfo_min(device, request, dtype, path):
+    if path != "on_chip":
+        request.getfixturevalue("online_path")  # blocks of 32 columns; fewer than 8 rows are cut into chunks
+    M, N = 7, (130 if path == "online_chunked" else 70)
+    gen = torch.Generator().manual_seed(41)
+    x = _randn((1, 1 if path == "online_chunked" else 3, M, N), gen, device, dtype, std=2.0)
+    low = torch.finfo(dtype).min
+    mask = torch.zeros(M, N, dtype=dtype)
+    mask[3] = low  # every entry
+    mask[5, ::2] = low  # some entries
+    mask = mask.to(device)
+    plan = sm.plan_rows(N, x.numel() // N, x.device)
+    assert plan.on_chip == (path == "on_chip") and (plan.n_chunks > 1) == (path == "online_chunked")
+    y, _, _ = check(x, mask, scale=0.7, seed=3)
+    assert torch.isfinite(y).all()
+    if dtype == torch.float32:
+        expected = torch.softmax(0.7 * x + mask, dim=-1)
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(y[..., 3, :], torch.full_like(y[..., 3, :], 1.0 / N))
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_float_mask_at_finfo_min_causal(device):
+    gen = torch.Generator().manual_seed(43)
+    x = _randn((2, 2, 9, 13), gen, device, torch.bfloat16)
+    mask = torch.zeros(9, 13, dtype=torch.bfloat16)
+    mask[:, :5] = torch.finfo(torch.bfloat16).min  # rows 0-4 see only finfo.min entries (causal)
+    check(x, mask.to(device), is_causal=True, seed=5)

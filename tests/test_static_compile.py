@@ -18,10 +18,10 @@ import pytest
 def static_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("static") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "llmkernels.triton_kernels.compile_check", "--json", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "llmkernels.triton_kernels.compile_report", "--json", str(out)],
                           env=env, capture_output=True, text=True, timeout=1200)
     print(proc.stdout[-20000:])  # the readable report, shown with -s or on failure
-    assert out.exists(), f"compile_check did not produce a report:\n{proc.stderr[-5000:]}"
+    assert out.exists(), f"compile_report did not produce a report:\n{proc.stderr[-5000:]}"
     return json.loads(out.read_text())
 
 

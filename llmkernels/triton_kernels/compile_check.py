@@ -1,10 +1,12 @@
 """Compile Triton kernel configs for real GPUs without a GPU, and read what the compiler made of them.
 
-Each kernel module lists the launch configs its GPU path can choose (``compile_specs(arch)``). Here a config is
-compiled for an NVIDIA architecture with ``triton.compile`` and a ``GPUTarget``, and the cubin is inspected with
-the ``cuobjdump`` and ``nvdisasm`` that ship in Triton's wheel: registers, local memory (spills), shared memory,
-and whether the matrix instructions are used (``HGMMA``, Hopper's wgmma, or ``HMMA``, the mma.sync path).
-This is what the static tests assert on and what the benchmark suite's static report prints.
+Each kernel module lists the launch configs its GPU path can choose as ``CompileSpec``s (``compile_specs(arch)``,
+beside its config tables). This module compiles the spec it is given for an NVIDIA architecture with
+``triton.compile`` and a ``GPUTarget``, and inspects the cubin with the ``cuobjdump`` and ``nvdisasm`` that ship
+in Triton's wheel: registers, local memory (spills), shared memory, and whether the matrix instructions are used
+(``HGMMA``, Hopper's wgmma, or ``HMMA``, the mma.sync path). It imports no kernel module (the kernel modules
+import ``CompileSpec`` from here); ``compile_report.py`` collects every module's specs, compiles them all and
+prints the report that the static tests assert on.
 """
 
 from __future__ import annotations
@@ -123,75 +125,3 @@ def compile_spec(spec: CompileSpec, arch: int) -> CompileReport:
     report.hmma = len(re.findall(r"\bHMMA\b", sass))
     report.ok = True
     return report
-
-
-def all_specs(arch: int) -> list:
-    """Every config of every Triton kernel module, for ``sm_<arch>``."""
-    from . import attention, softmax
-
-    return list(attention.compile_specs(arch)) + list(softmax.compile_specs(arch))
-
-
-def all_excluded(arch: int) -> list:
-    """(config, reason) for every config a kernel module deliberately does not choose on ``sm_<arch>``."""
-    from . import attention, softmax
-
-    return list(attention.excluded_configs(arch)) + list(softmax.excluded_configs(arch))
-
-
-def _compile_one(job):
-    spec_index, arch = job
-    return compile_spec(all_specs(arch)[spec_index], arch)
-
-
-def compile_all(archs=(80, 90), jobs: int = 0, name_filter: str = "") -> list:
-    """Compile every config for each arch, in parallel worker processes; returns CompileReports in order.
-
-    Must run in a process where Triton's interpreter is off (TRITON_INTERPRET unset): the interpreter replaces
-    the kernels by Python functions that cannot be compiled. Tests therefore call this through ``python -m``.
-    """
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise RuntimeError("compile checks need TRITON_INTERPRET unset (the interpreter's kernels cannot be "
-                           "compiled); run `python -m llmkernels.triton_kernels.compile_check` in a clean process")
-    work = [(i, arch) for arch in archs for i, s in enumerate(all_specs(arch)) if name_filter in s.name]
-    jobs = jobs or min(len(work), os.cpu_count() or 1) or 1
-    if jobs == 1:
-        return [_compile_one(w) for w in work]
-    import multiprocessing as mp
-
-    with mp.get_context("spawn").Pool(jobs) as pool:
-        return pool.map(_compile_one, work, chunksize=1)
-
-
-def main(argv=None) -> int:
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(description="Compile every Triton config for sm_80/sm_90 and report "
-                                                 "registers, shared memory, spills and matrix instructions.")
-    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
-    parser.add_argument("--filter", default="", help="only configs whose name contains this")
-    parser.add_argument("--jobs", type=int, default=0)
-    parser.add_argument("--json", help="also write the reports to this JSON file")
-    args = parser.parse_args(argv)
-    reports = compile_all(tuple(args.arch), args.jobs, args.filter)
-    for r in reports:
-        print(r.row())
-    for arch in args.arch:
-        for desc, why in all_excluded(arch):
-            print(f"sm_{arch}  excluded: {desc}: {why}")
-    bad = [r for r in reports if not (r.ok and not r.spills and r.shared_fits and r.mma_ok)]
-    print(f"{len(reports)} configs compiled, {len(bad)} with problems")
-    if args.json:
-        fields = ("name", "arch", "ok", "error", "registers", "local_bytes", "spill_instructions", "shared_bytes",
-                  "hgmma", "hmma", "expect_mma")
-        rows = [{f: getattr(r, f) for f in fields} | {"spills": r.spills, "shared_fits": r.shared_fits,
-                                                       "mma_ok": r.mma_ok} for r in reports]
-        excluded = [{"arch": a, "config": d, "reason": w} for a in args.arch for d, w in all_excluded(a)]
-        with open(args.json, "w") as f:
-            json.dump({"configs": rows, "excluded": excluded}, f, indent=1)
-    return 1 if bad else 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

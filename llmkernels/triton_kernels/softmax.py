@@ -20,9 +20,14 @@ long rows (``N > on_chip_max_n()``)
     chunks so that the whole GPU works: launch 1 writes each chunk's (max, sum) to a small fp32 workspace,
     launch 2 merges the chunk statistics of its row and writes its chunk.
 
-Numerics: fp32 arithmetic whatever the input dtype, in base 2 (``log2(e)`` is folded into the scale and into
-the float mask, so each element costs one ``exp2``). A row with nothing left (every entry masked) keeps a max
-of ``-inf``; the max is then replaced by 0 before subtracting so that ``exp2(-inf - -inf)`` never makes a NaN,
+Numerics: fp32 arithmetic whatever the input dtype. Without a mask and with a bool mask in base 2 (``log2(e)``
+is folded into the scale, so each element costs one ``exp2``); with a float (additive) mask in natural-log units,
+``z = scale * x + mask`` and ``exp(z - max)`` (for fp32 Triton emits exactly ``exp2((z - max) * log2(e))``):
+scaling the mask by ``log2(e)`` would overflow to -inf below about -2.36e38, so a row whose every entry carries
+transformers' ``finfo(dtype).min`` would come out as fully masked (0) instead of uniform, and Triton's
+interpreter would warn of the overflow (its ``exp`` is numpy's, which underflows to 0 silently). A row with
+nothing left (every entry masked) keeps a max of ``-inf``; the max is then replaced by 0 before subtracting so
+that ``exp(-inf - -inf)`` never makes a NaN,
 and the row's ``1 / sum`` is taken as 0, so the row gives 0 (and, since ``y = 0``, gradient 0). NaN in ``x``
 makes the row's sum NaN and so propagates to the whole row, as in PyTorch.
 
@@ -189,8 +194,9 @@ def _row_offsets(rows, M, B, s_a, s_b, s_m):
 
 
 @triton.jit
-def _logits2(X, MASK_F, MASK_B, x_rows, m_rows, cols, load_ok, visible, sxn, smn, scale_log2e, mask_kind):
-    """Base-2 logits ``(scale * x + mask) * log2(e)`` in fp32; ``-inf`` where ``visible`` is False.
+def _logits(X, MASK_F, MASK_B, x_rows, m_rows, cols, load_ok, visible, sxn, smn, scale_log2e, scale, mask_kind):
+    """Logits in fp32, ``-inf`` where ``visible`` is False: natural ``scale * x + mask`` with a float mask
+    (mask_kind 2), else base-2 ``scale * x * log2(e)`` (see the module docstring); ``_exp_logits`` matches.
 
     ``x_rows``/``m_rows`` are the int64 row starts (broadcastable against ``cols``). Lanes outside ``load_ok``
     are not read at all; ``visible`` (a subset of ``load_ok``) also hides the few causally masked columns that
@@ -199,15 +205,26 @@ def _logits2(X, MASK_F, MASK_B, x_rows, m_rows, cols, load_ok, visible, sxn, smn
     """
     c64 = cols.to(tl.int64)
     x = tl.load(X + x_rows + c64 * sxn, mask=load_ok, other=0.0).to(tl.float32)
-    z = x * scale_log2e
-    if mask_kind == 1:
-        keep = tl.load(MASK_B + m_rows + c64 * smn, mask=load_ok, other=0)
-        z = tl.where(keep != 0, z, float("-inf"))
-    elif mask_kind == 2:
+    if mask_kind == 2:
         add = tl.load(MASK_F + m_rows + c64 * smn, mask=load_ok, other=0.0).to(tl.float32)
-        z = z + add * 1.4426950408889634
+        z = x * scale + add
+    else:
+        z = x * scale_log2e
+        if mask_kind == 1:
+            keep = tl.load(MASK_B + m_rows + c64 * smn, mask=load_ok, other=0)
+            z = tl.where(keep != 0, z, float("-inf"))
     # Not `other=-inf` on the load: scale may be 0 or negative, and -inf * 0 is NaN.
     return tl.where(visible, z, float("-inf"))
+
+
+@triton.jit
+def _exp_logits(d, mask_kind):
+    """exp of a difference ``d`` of logits in the units ``_logits`` chose for this mask kind (a uniform branch)."""
+    if mask_kind == 2:
+        e = tl.exp(d)
+    else:
+        e = tl.exp2(d)
+    return e
 
 
 @triton.jit
@@ -238,7 +255,7 @@ def _inv_sum(l):
 @triton.jit(do_not_specialize=["is_causal", "mask_kind"])
 def _fwd_on_chip_kernel(Y, X, MASK_F, MASK_B, R, M, B, N,
                         sxa, sxb, sxm, sxn, sma, smb, smm, smn,
-                        scale_log2e, is_causal, mask_kind,
+                        scale_log2e, scale, is_causal, mask_kind,
                         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, VEC: tl.constexpr):
     """ROWS whole rows per program, each held in registers: one read, one write."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -251,10 +268,10 @@ def _fwd_on_chip_kernel(Y, X, MASK_F, MASK_B, R, M, B, N,
     load_ok = row_ok[:, None] & (cols[None, :] < _load_end(n_seen, N, VEC)[:, None])
     x_rows = _row_offsets(rows, M, B, sxa, sxb, sxm)[:, None]
     m_rows = _row_offsets(rows, M, B, sma, smb, smm)[:, None]  # all 0 without a mask (strides 0)
-    z = _logits2(X, MASK_F, MASK_B, x_rows, m_rows, cols[None, :], load_ok, visible, sxn, smn, scale_log2e,
-                 mask_kind)
+    z = _logits(X, MASK_F, MASK_B, x_rows, m_rows, cols[None, :], load_ok, visible, sxn, smn, scale_log2e, scale,
+                mask_kind)
     mx = _safe_max(tl.max(z, axis=1))
-    p = tl.exp2(z - mx[:, None])
+    p = _exp_logits(z - mx[:, None], mask_kind)
     y = p * _inv_sum(tl.sum(p, axis=1))[:, None]
     y_ptrs = Y + rows.to(tl.int64)[:, None] * N + cols[None, :]
     tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=row_ok[:, None] & (cols[None, :] < N))
@@ -263,12 +280,13 @@ def _fwd_on_chip_kernel(Y, X, MASK_F, MASK_B, R, M, B, N,
 @triton.jit(do_not_specialize=["is_causal", "mask_kind", "phase"])
 def _fwd_long_kernel(Y, X, MASK_F, MASK_B, STATS, R, M, B, N,
                      sxa, sxb, sxm, sxn, sma, smb, smm, smn,
-                     scale_log2e, is_causal, mask_kind, chunk_cols, n_chunks, phase,
+                     scale_log2e, scale, is_causal, mask_kind, chunk_cols, n_chunks, phase,
                      BLOCK_N: tl.constexpr, MAX_CHUNKS: tl.constexpr, VEC: tl.constexpr):
     """Online softmax over one column chunk of one row; program (row, chunk).
 
     phase 0: the chunk is the whole row: pass 1 (running max and sum), then pass 2 (write), in one launch.
-    phase 1: pass 1 only; the chunk's base-2 max and sum go to STATS, laid out [2, R, n_chunks] fp32.
+    phase 1: pass 1 only; the chunk's max and sum (in the logits' units) go to STATS, laid out [2, R, n_chunks]
+    fp32.
     phase 2: merge the row's chunk statistics from STATS, then pass 2 over this chunk.
     The phase is a runtime value (uniform branches), so one compiled kernel serves all three.
     """
@@ -295,12 +313,11 @@ def _fwd_long_kernel(Y, X, MASK_F, MASK_B, STATS, R, M, B, N,
         l_vec = tl.zeros([BLOCK_N], dtype=tl.float32)
         for start in range(c_begin, seen_end, BLOCK_N):
             cols = start + cols0
-            z = _logits2(X, MASK_F, MASK_B, x_row, m_row, cols, cols < load_end, cols < seen_end, sxn, smn,
-                         scale_log2e,
-                         mask_kind)
+            z = _logits(X, MASK_F, MASK_B, x_row, m_row, cols, cols < load_end, cols < seen_end, sxn, smn,
+                        scale_log2e, scale, mask_kind)
             m_new = tl.maximum(m_run, tl.max(z, axis=0))
             m_sub = _safe_max(m_new)
-            l_vec = l_vec * tl.exp2(m_run - m_sub) + tl.exp2(z - m_sub)
+            l_vec = l_vec * _exp_logits(m_run - m_sub, mask_kind) + _exp_logits(z - m_sub, mask_kind)
             m_run = m_new
         l_run = tl.sum(l_vec, axis=0)
         if phase == 1:
@@ -314,17 +331,16 @@ def _fwd_long_kernel(Y, X, MASK_F, MASK_B, STATS, R, M, B, N,
             m_k = tl.load(STATS + stat + ks, mask=k_ok, other=float("-inf"))
             l_k = tl.load(STATS + sums + stat + ks, mask=k_ok, other=0.0)
             m_run = tl.max(m_k, axis=0)
-            l_run = tl.sum(l_k * tl.exp2(m_k - _safe_max(m_run)), axis=0)
+            l_run = tl.sum(l_k * _exp_logits(m_k - _safe_max(m_run), mask_kind), axis=0)
         m_sub = _safe_max(m_run)
         inv = _inv_sum(l_run)
         y_row = Y + row.to(tl.int64) * N
         # Pass 2 writes every column of the chunk; the columns a causal row cannot see are written 0, unread.
         for start in range(c_begin, c_end, BLOCK_N):
             cols = start + cols0
-            z = _logits2(X, MASK_F, MASK_B, x_row, m_row, cols, cols < load_end, cols < seen_end, sxn, smn,
-                         scale_log2e,
-                         mask_kind)
-            y = tl.exp2(z - m_sub) * inv
+            z = _logits(X, MASK_F, MASK_B, x_row, m_row, cols, cols < load_end, cols < seen_end, sxn, smn,
+                        scale_log2e, scale, mask_kind)
+            y = _exp_logits(z - m_sub, mask_kind) * inv
             tl.store(y_row + cols, y.to(Y.dtype.element_ty), mask=cols < c_end)
 
 
@@ -445,7 +461,7 @@ def masked_softmax_forward(x: torch.Tensor, mask, scale: float, is_causal: bool)
     mask_f, mask_b, m_strides, kind = _mask_args(mask, x)
     plan = plan_rows(N, R, x.device)
     args = (y, x, mask_f, mask_b)
-    sizes = (R, M, B, N, *x.stride(), *m_strides, float(scale) * LOG2E, int(is_causal), kind)
+    sizes = (R, M, B, N, *x.stride(), *m_strides, float(scale) * LOG2E, float(scale), int(is_causal), kind)
     vec = 16 // x.element_size()  # elements per 16-byte vector
     with _device_ctx(x):
         if plan.on_chip:

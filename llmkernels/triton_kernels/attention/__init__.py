@@ -1,0 +1,32 @@
+"""FlashAttention-2 forward and backward in Triton: the "triton" backend's attention.
+
+One module per part, so that a new variant (a score rule, a key range, a config table) is added in one place:
+
+==============  =============================================================================================
+``tiles``       shared ``@triton.jit`` helpers: tile loads, the score rule (user mask, causal, key bound), the
+                Philox dropout pattern, and the opening that maps a program to its query block (forward, dQ)
+``forward``     the forward kernel and its two-phase key loop
+``backward``    the three backward kernels: preprocess, dK/dV, dQ
+``configs``     launch-config tables per arch, the configs excluded from them with the reason, autotuning
+``specs``       the static compile specs of every config (``compile_check`` compiles them; nothing else)
+``launch``      host launchers: ``attention_forward`` / ``attention_backward`` (called by
+                ``dispatch.TritonBackend``), the dense PyTorch backward fallback, ``dropout_keep_mask``
+==============  =============================================================================================
+
+Imports go one way: tiles <- forward, backward <- launch, specs; configs <- launch, specs. This package
+re-exports the names other modules use, so ``from llmkernels.triton_kernels import attention`` followed by
+``attention.attention_forward(...)`` works (dispatch looks the launchers up here at call time, which is what
+lets tests spy on them).
+
+Design (FlashAttention-2, Dao 2023), detailed in each module's docstring: one program per query block streams
+K/V with an online softmax in fp32 (forward.py); a recompute-based, atomic-free and so deterministic backward
+(backward.py); constexpr flags for every optional feature, so a call without a mask, causality or dropout
+compiles to none of their code (tiles.py); launch configs that the static compile check showed spill-free, with
+wgmma on sm_90 (configs.py, specs.py).
+"""
+
+from .configs import excluded_configs
+from .launch import attention_backward, attention_forward, dropout_keep_mask
+from .specs import compile_specs
+
+__all__ = ["attention_forward", "attention_backward", "dropout_keep_mask", "compile_specs", "excluded_configs"]

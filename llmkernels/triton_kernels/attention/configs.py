@@ -1,0 +1,192 @@
+"""Launch configs of the attention kernels: the per-arch tables, the configs excluded from them (and why), and the
+autotune wiring.
+
+On a GPU each kernel is autotuned over a short list chosen by architecture and head-dim bucket (the padded
+power-of-two head dim, max over E and Ev), keyed on the head dims, dtype, causal/mask/dropout flags and
+power-of-two buckets of L and S. On sm_90 every fp16/bf16 tile has BLOCK_M (the M side of each dot) a multiple
+of 64 and 4 or 8 warps, so tl.dot lowers to wgmma (HGMMA). Lists were pruned with the static compile check
+(compile_check.py): configs that spill or overflow shared memory for a head dim are not offered for that head
+dim and appear in ``excluded_configs()`` with the reason. In Triton's interpreter there is nothing to tune: one
+small fixed config (16 x 16 tiles, the smallest tl.dot takes) keeps CPU runs fast.
+
+Where no backward config is spill-free on a GPU (fp32 at head dims > 128; fp16/bf16 with dropout at head dims
+> 128 on sm_90) that backward runs densely in PyTorch (``launch._dense_backward``, same lse and keep pattern).
+The static compile specs of these tables are in ``specs.py``, beside this module.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ..interpreter import interpreting
+
+# Decided once at import, like Triton itself decides whether @triton.jit makes interpreter functions.
+INTERPRETING = interpreting()
+
+INTERPRETER_BLOCK = 16
+SEQ_BUCKET_CAP = 16384  # longer sequences share the tuning of this length
+
+
+def _cfg(block_m, block_n, warps, stages):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+# (arch family, kernel) -> precision ("half": fp16/bf16, "fp32") -> head-dim bucket (64 covers 1-64) ->
+# variant ("base": no dropout; "dropout": the Philox draw per score costs extra live registers, so those calls
+# get smaller tiles) -> configs. Forward and dQ: BLOCK_M query rows held, BLOCK_N keys streamed. dK/dV: BLOCK_N
+# keys held, BLOCK_M queries streamed. Every entry compiles without spills and within shared memory for the
+# heaviest flags of its variant (causal + additive mask [+ dropout]; static compile check). None: no config of
+# the backward compiles without spills, and the backward of such calls runs densely (see _dense_backward).
+def _table(d64, d128, d256):
+    return {64: d64, 128: d128, 256: d256}
+
+
+def _variants(base, dropout=None):
+    return {"base": base, "dropout": base if dropout is None else dropout}
+
+
+_HALF_SM90 = {
+    "fwd": _table(_variants([_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)], [_cfg(128, 32, 8, 2), _cfg(64, 32, 4, 2)]),
+                  _variants([_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)], [_cfg(64, 32, 8, 2), _cfg(128, 32, 8, 2)]),
+                  _variants([_cfg(128, 32, 8, 2), _cfg(64, 32, 8, 2)], [_cfg(64, 32, 8, 2), _cfg(64, 16, 8, 2)])),
+    "dkdv": _table(_variants([_cfg(32, 64, 4, 2), _cfg(32, 128, 8, 2)], [_cfg(16, 64, 4, 2)]),
+                   _variants([_cfg(32, 64, 8, 2), _cfg(16, 64, 8, 2)], [_cfg(16, 64, 8, 2), _cfg(16, 64, 8, 1)]),
+                   {"base": [_cfg(16, 64, 8, 2)], "dropout": None}),
+    "dq": _table(_variants([_cfg(128, 64, 8, 2), _cfg(64, 32, 4, 2)], [_cfg(64, 32, 4, 2), _cfg(128, 32, 8, 2)]),
+                 _variants([_cfg(128, 32, 8, 2), _cfg(64, 32, 4, 2)], [_cfg(64, 16, 4, 2), _cfg(64, 32, 8, 2)]),
+                 _variants([_cfg(64, 16, 8, 2)])),
+}
+# sm_80 (mma.sync, 64K registers as on sm_90 but no wgmma): a few sm_90 tiles spill there and are replaced.
+_HALF_SM80 = {
+    "fwd": _table(_HALF_SM90["fwd"][64],
+                  _variants([_cfg(128, 32, 8, 2), _cfg(64, 32, 4, 3)], [_cfg(64, 32, 8, 2), _cfg(64, 64, 8, 2)]),
+                  _variants([_cfg(64, 32, 8, 2)], [_cfg(32, 32, 8, 2), _cfg(64, 16, 8, 2)])),
+    "dkdv": _table(_variants([_cfg(16, 64, 4, 2), _cfg(32, 64, 8, 2)], [_cfg(16, 64, 4, 2)]),
+                   _variants(_HALF_SM90["dkdv"][128]["base"], [_cfg(32, 32, 8, 2), _cfg(16, 64, 8, 1)]),
+                   _variants([_cfg(16, 64, 8, 2)])),
+    "dq": _table(_variants([_cfg(128, 32, 8, 2), _cfg(64, 32, 4, 2)], [_cfg(64, 32, 4, 2), _cfg(128, 32, 8, 2)]),
+                 _HALF_SM90["dq"][128], _variants(_HALF_SM90["dq"][256]["base"], [_cfg(32, 32, 8, 2)])),
+}
+# IEEE fp32 products run on the FMA units with whole operand rows in registers: small tiles only, and at head
+# dims above 128 every backward tile spills (the rows are 256 long), so that backward runs densely.
+_FP32 = {
+    "fwd": _table(_variants([_cfg(32, 32, 8, 1)]), _variants([_cfg(32, 16, 4, 1)]), _variants([_cfg(16, 16, 4, 1)])),
+    "dkdv": _table(_variants([_cfg(16, 32, 8, 1)]), _variants([_cfg(16, 16, 8, 1)]), _variants(None)),
+    "dq": _table(_variants([_cfg(32, 16, 8, 1)]), _variants([_cfg(16, 16, 8, 1)]), _variants(None)),
+}
+_CONFIGS = {90: {"half": _HALF_SM90, "fp32": _FP32}, 80: {"half": _HALF_SM80, "fp32": _FP32}}
+
+# Configs the static check showed spilling where no alternative exists: (arch family, config, reason).
+_EXCLUDED = [
+    (arch, "attn_dkdv/attn_dq fp32 head dim 129-256, every tile down to 16x16 (w4-w16)",
+     "spills 0.3-2.5 KB: IEEE fp32 dots hold 256-long operand rows per thread; the backward of these calls "
+     "runs densely in PyTorch (_dense_backward) instead") for arch in (80, 90)
+] + [
+    (90, "attn_dkdv dK fp16/bf16 head dim 129-256 with dropout, M16 N64 w8 s1-s3 (and M32 N64 w8)",
+     "spills 24-200 B on sm_90 (wgmma needs 64-row key blocks; 64 x 256 fp32 dK plus the Philox draw exceed the "
+     "registers); the backward of these calls runs densely in PyTorch (_dense_backward) instead"),
+    (90, "attn_fwd fp16/bf16 head dim 64, M128 N128 w8 s3", "241 KiB shared memory > 227 KiB"),
+    (80, "attn_fwd fp16/bf16 head dim 128, M128 N64 w8 s3 and M64 N64 w4 s3", "spill 40-48 B on sm_80"),
+    (80, "attn_fwd fp16/bf16 head dim 256, M128 N32 w8 s2", "spills 208 B on sm_80"),
+    (80, "attn_dkdv fp16/bf16 head dim 64, M32 N64 w4 s2 and M32 N128 w8 s2", "spill 8-24 B on sm_80"),
+    (80, "attn_dq fp16/bf16 head dim 64, M128 N64 w8 s2", "spills 48 B on sm_80"),
+] + [
+    # Dropout variants (Philox draw live per score), measured with triton 3.6 (triton 3.8 compiles them without
+    # spills, but the GPU machines run 3.6); each replaced by the spill-free tile named in the reason.
+    (arch, "attn_fwd fp16/bf16 head dim 64 with dropout, M128 N64 w8 s2",
+     f"spills {b} B under triton 3.6; M128 N32 w8 s2 offered instead") for arch, b in ((90, 72), (80, 192))
+] + [
+    (90, "attn_fwd fp16/bf16 head dim 128 with dropout, M64 N64 w8 s2",
+     "spills 136 B under triton 3.6 (16 B at s1); M128 N32 w8 s2 offered instead"),
+    (80, "attn_fwd fp16/bf16 head dim 256 with dropout, M64 N32 w8 s2",
+     "spills 8 B under triton 3.6 (88 B at s1); M32 N32 w8 s2 offered instead"),
+    (80, "attn_dkdv fp16/bf16 head dim 65-128 with dropout, M16 N64 w8 s2",
+     "spills 8 B under triton 3.6; M32 N32 w8 s2 offered instead (M16 N64 w8 s1 kept)"),
+    (80, "attn_dq fp16/bf16 head dim 129-256 with dropout, M64 N16 w8 s2",
+     "spills 8 B under triton 3.6 (24 B at s1); M32 N32 w8 s2 offered instead"),
+]
+
+PREPROCESS_BLOCK_M = 64
+
+
+def _head_bucket(block_d: int) -> int:
+    return 64 if block_d <= 64 else block_d
+
+
+def _precision_class(dtype) -> str:
+    return "fp32" if dtype in (torch.float32, tl.float32) else "half"
+
+
+def _arch_family(arch: int) -> int:
+    return 90 if arch >= 90 else 80
+
+
+def _configs_for(arch: int, kernel: str, precision: str, bucket: int, variant: str):
+    """The configs offered, or None where that backward runs densely (no spill-free config)."""
+    return _CONFIGS[_arch_family(arch)][precision][kernel][bucket][variant]
+
+
+def _all_configs(arch: int, kernel: str) -> list:
+    """Every config of the kernel on this arch (the autotuner's list, before pruning by head dim and dtype)."""
+    seen = []
+    for per_kernel in _CONFIGS[_arch_family(arch)].values():
+        for per_variant in per_kernel[kernel].values():
+            for configs in per_variant.values():
+                seen.extend(c for c in (configs or []) if _config_key(c) not in {_config_key(x) for x in seen})
+    return seen
+
+
+@functools.lru_cache(maxsize=None)
+def _device_arch() -> int:
+    if INTERPRETING or not torch.cuda.is_available():
+        return 0
+    major, minor = torch.cuda.get_device_capability()
+    return major * 10 + minor
+
+
+def _config_key(c):
+    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+
+
+def _make_prune(arch: int, kernel: str):
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        bucket = _head_bucket(max(args["BLOCK_D"], args["BLOCK_DV"]))
+        variant = "dropout" if args["HAS_DROPOUT"] else "base"
+        wanted = {_config_key(c)
+                  for c in _configs_for(arch, kernel, _precision_class(args["Q"].dtype), bucket, variant)}
+        return [c for c in configs if _config_key(c) in wanted]
+    return prune
+
+
+_TUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "HAS_MASK", "HAS_DROPOUT", "L_BUCKET", "S_BUCKET"]
+_DKDV_TUNE_KEY = _TUNE_KEY + ["DO_DK", "DO_DV"]
+
+
+def _tuned(kernel_fn, kernel: str):
+    """The kernel as launched: autotuned on a GPU, the plain jit function in the interpreter."""
+    arch = _device_arch()
+    if kernel == "dkdv":
+        # EVEN_M (L a multiple of BLOCK_M) depends on the config the autotuner picks, so it is derived per config.
+        kernel_fn = triton.heuristics({"EVEN_M": lambda args: args["L"] % args["BLOCK_M"] == 0})(kernel_fn)
+    if arch == 0:
+        return kernel_fn
+    # Every kernel writes (never accumulates into) its outputs, so the autotuner's repeated trial launches leave
+    # them correct without reset_to_zero / restore_value.
+    return triton.autotune(configs=_all_configs(arch, kernel), key=_DKDV_TUNE_KEY if kernel == "dkdv" else _TUNE_KEY,
+                           prune_configs_by={"early_config_prune": _make_prune(arch, kernel)})(kernel_fn)
+
+
+def _split_dkdv(block_d: int, dtype) -> bool:
+    """Whether dK and dV take one launch each (see _attn_bwd_dkdv_kernel): above head dim 128 for fp16/bf16, above
+    64 for fp32, whose IEEE products run on FMA units with operand tiles held in registers."""
+    return block_d > (64 if dtype in (torch.float32, tl.float32) else 128)
+
+
+def excluded_configs(arch: int) -> list:
+    """(config, reason) for the configs deliberately not offered on sm_<arch> (they spill or do not fit)."""
+    return [(desc, reason) for (a, desc, reason) in _EXCLUDED if _arch_family(arch) == a]

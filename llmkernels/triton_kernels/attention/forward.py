@@ -1,0 +1,114 @@
+"""The attention forward kernel (FlashAttention-2, Dao 2023).
+
+One program per (query block of BLOCK_M rows, batch*head). K/V stream through in BLOCK_N blocks; an online
+softmax keeps the running row max ``m`` and sum ``l`` in fp32, in base 2 (log2(e) is folded into the scale once,
+so every exponential is an ``exp2``), or in natural-log units with a float mask (tiles.py says why); lse is
+stored in natural log for the backward. Nothing of size L x S is
+ever materialised. With ``is_causal`` the key blocks that are entirely above the diagonal are never visited (the
+loop stops at the diagonal) and only the blocks that straddle it pay for the causal test.
+
+The key loop runs in two phases: blocks that need no per-element test (fully visible, fully in bounds) and the
+few that do (the causal diagonal, the ragged last block). A constexpr flag picks the variant, so the common path
+carries no bound or causal test. The dQ kernel (backward.py) shares this opening and loop structure.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .tiles import _dropout_keep, _exp_scores, _load_rows, _masked_scores, _query_block, _score_scale
+
+
+@triton.jit
+def _attn_fwd_inner(acc, m_i, l_i, q, K_base, V_base, mask_base, lo, hi, offs_m, row_ok, L, S,
+                    stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n, qk_scale, seed, philox_rows,
+                    dropout_p, DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                    HAS_DROPOUT: tl.constexpr, CHECK: tl.constexpr):
+    """Online softmax over key blocks [lo, hi) of one query block. CHECK: these blocks need the per-element
+    causal / key-bound test (the diagonal and the ragged tail); otherwise every key in them is visible."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    # Tile pointers start at key lo (int64: lo * stride may pass 2^31) and advance by whole blocks.
+    k_ptrs = K_base + tl.cast(lo, tl.int64) * stride_kn + offs_n0[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V_base + tl.cast(lo, tl.int64) * stride_vn + offs_n0[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    mask_ptrs = mask_base + tl.cast(lo, tl.int64) * stride_mask_n + offs_n0[None, :] * stride_mask_n
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        col_ok = offs_n[None, :] < S
+        k = _load_rows(k_ptrs, offs_n, S, offs_d, HEAD_DIM, BLOCK_D, CHECK)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = _masked_scores(s, mask_ptrs, row_ok[:, None], col_ok, offs_m[:, None], offs_n[None, :], HAS_MASK,
+                           MASK_IS_BOOL, IS_CAUSAL, CHECK)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with every key so far masked keeps m = -inf; subtracting 0 instead makes its exp terms 0
+        # rather than exp(-inf + inf) = NaN. NaN scores still give NaN (they are never masked away).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = _exp_scores(m_i - m_safe, HAS_MASK, MASK_IS_BOOL)
+        p = _exp_scores(s - m_safe[:, None], HAS_MASK, MASK_IS_BOOL)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            # l sums the weights before dropout (dropout acts on normalised weights); only P V sees it.
+            keep = _dropout_keep(seed, philox_rows[:, None], offs_n[None, :].to(tl.int64), dropout_p)
+            p = tl.where(keep, p, 0.0)
+        v = _load_rows(v_ptrs, offs_n, S, offs_dv, HEAD_DIM_V, BLOCK_DV, CHECK)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+        if HAS_MASK:
+            mask_ptrs += BLOCK_N * stride_mask_n
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, Mask, RngState, Out, Lse,
+                     stride_qb, stride_qh, stride_qm, stride_qd,
+                     stride_kb, stride_kh, stride_kn, stride_kd,
+                     stride_vb, stride_vh, stride_vn, stride_vd,
+                     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
+                     stride_ob, stride_oh, stride_om, stride_od,
+                     Hq, L, S, GROUP, scale, dropout_p, L_BUCKET, S_BUCKET,
+                     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    bh, off_b, off_h, offs_m, row_ok, q, K_base, V_base, mask_base, seed, philox_rows, n_plain, hi = _query_block(
+        Q, K, V, Mask, RngState, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_vb,
+        stride_vh, stride_mask_b, stride_mask_h, stride_mask_m, Hq, L, S, GROUP, HEAD_DIM, IS_CAUSAL, HAS_MASK,
+        HAS_DROPOUT, BLOCK_D, BLOCK_M, BLOCK_N)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    qk_scale = _score_scale(scale, HAS_MASK, MASK_IS_BOOL)
+
+    acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, K_base, V_base, mask_base, 0, n_plain, offs_m, row_ok, L, S,
+                                    stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n, qk_scale, seed,
+                                    philox_rows, dropout_p, DOT_PRECISION, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D,
+                                    BLOCK_DV, HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, HAS_DROPOUT, False)
+    acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, K_base, V_base, mask_base, n_plain, hi, offs_m, row_ok, L, S,
+                                    stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n, qk_scale, seed,
+                                    philox_rows, dropout_p, DOT_PRECISION, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D,
+                                    BLOCK_DV, HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, HAS_DROPOUT, True)
+
+    # Fully masked rows have l = 0 and acc = 0: dividing by 1 instead gives output 0; their lse is -inf.
+    # A NaN l (NaN inputs) is not 0, so it stays NaN.
+    fully_masked = l_i == 0.0
+    l_safe = tl.where(fully_masked, 1.0, l_i)
+    inv_l = 1.0 / l_safe
+    if HAS_DROPOUT:
+        inv_l = inv_l / (1.0 - dropout_p)
+    out = acc * inv_l[:, None]
+    if HAS_MASK and not MASK_IS_BOOL:
+        lse = tl.where(fully_masked, float("-inf"), m_i + tl.math.log2(l_safe) * 0.6931471805599453)
+    else:
+        lse = tl.where(fully_masked, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    o_ptrs = (Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
+              + offs_m.to(tl.int64)[:, None] * stride_om + offs_dv[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(Lse + bh.to(tl.int64) * L + offs_m, lse, mask=row_ok)

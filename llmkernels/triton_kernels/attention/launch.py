@@ -1,0 +1,221 @@
+"""Host launchers of the attention kernels: the "triton" backend's interface that ``dispatch.TritonBackend``
+calls with the canonical form of ``contract.py`` (``attention_forward``, ``attention_backward``), the dense
+PyTorch backward for the shapes no spill-free backward config covers, and ``dropout_keep_mask`` for tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from ... import _alloc
+from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
+from .configs import (INTERPRETER_BLOCK, INTERPRETING, PREPROCESS_BLOCK_M, SEQ_BUCKET_CAP, _configs_for,
+                      _device_arch, _head_bucket, _precision_class, _split_dkdv, _tuned)
+from .forward import _attn_fwd_kernel
+from .tiles import _dropout_keep_mask_kernel
+
+
+_attn_fwd = _tuned(_attn_fwd_kernel, "fwd")
+_attn_bwd_dkdv = _tuned(_attn_bwd_dkdv_kernel, "dkdv")
+_attn_bwd_dq = _tuned(_attn_bwd_dq_kernel, "dq")
+
+
+def _launch(kernel, total_rows_fn, *args, **constexprs):
+    """Launch an autotuned kernel (grid from the chosen config) or, in the interpreter, the fixed config."""
+    if INTERPRETING or _device_arch() == 0:
+        meta = {"BLOCK_M": INTERPRETER_BLOCK, "BLOCK_N": INTERPRETER_BLOCK}
+        kernel[(total_rows_fn(meta),)](*args, **constexprs, **meta)
+    else:
+        kernel[lambda meta: (total_rows_fn(meta),)](*args, **constexprs)
+
+
+def _block(dim: int) -> int:
+    # tl.dot needs every tile side >= 16; padded lanes are masked on load and store.
+    return max(16, triton.next_power_of_2(dim))
+
+
+def _seq_bucket(n: int) -> int:
+    return min(triton.next_power_of_2(n), SEQ_BUCKET_CAP)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: IEEE fp32 products by default, so fp32 results match an fp32 reference to ~1e-6 (the contract
+    # promises fp32 arithmetic). Only when the user opted in to TF32 for matmuls (torch.backends.cuda.matmul.
+    # allow_tf32) do we take the ~8x faster TF32 tensor-core path, as torch.matmul would. fp16/bf16 operands
+    # always use the tensor cores with fp32 accumulation; the flag does not apply to them.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _mask_args(mask, like):
+    """(pointer, 4 strides, HAS_MASK, MASK_IS_BOOL) for an optional (B, Hq, L, S) mask view."""
+    if mask is None:
+        return like, (0, 0, 0, 0), False, False
+    return mask, tuple(mask.stride()), True, mask.dtype == torch.bool
+
+
+def _check_rng(rng_state, dropout_p, device):
+    if dropout_p == 0.0:
+        return None
+    if rng_state is None or rng_state.dtype != torch.int64 or rng_state.numel() != 2:
+        raise ValueError("rng_state must be an int64 tensor [seed, offset] when dropout_p > 0, got "
+                         f"{None if rng_state is None else (rng_state.dtype, tuple(rng_state.shape))}")
+    return rng_state.to(device).contiguous()
+
+
+def attention_forward(q, k, v, mask, dropout_p: float, is_causal: bool, scale: float, rng_state):
+    """FlashAttention forward on the canonical form: returns out (B, Hq, L, Ev) in q.dtype and lse (B, Hq, L)
+    fp32 (natural log, -inf on fully masked rows, whose output is 0)."""
+    B, Hq, L, E = q.shape
+    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    out = _alloc.new_output((B, Hq, L, Ev), q.dtype, q.device)
+    lse = _alloc.new_output((B, Hq, L), torch.float32, q.device)
+    mask_t, mask_strides, has_mask, mask_is_bool = _mask_args(mask, out)
+    rng = _check_rng(rng_state, dropout_p, q.device)
+    _launch(_attn_fwd, lambda meta: triton.cdiv(L, meta["BLOCK_M"]) * B * Hq,
+            q, k, v, mask_t, rng if rng is not None else lse, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
+            Hq, L, S, Hq // Hkv, float(scale), float(dropout_p), _seq_bucket(L), _seq_bucket(S),
+            HEAD_DIM=E, HEAD_DIM_V=Ev, IS_CAUSAL=bool(is_causal), HAS_MASK=has_mask, MASK_IS_BOOL=mask_is_bool,
+            HAS_DROPOUT=rng is not None, DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=_block(E),
+            BLOCK_DV=_block(Ev))
+    return out, lse
+
+
+# The kernels' backward recomputes the weights as exp(s - lse). Where a float mask gives every visible key of a
+# row a huge negative value (transformers' finfo(dtype).min on padded rows), lse = m + log(l) is so large that
+# fp32 cannot hold the log(l) part (at |lse| >= 2^16 its spacing is 2^-7, beyond that up to 2^104), so the
+# recomputed weights of that row would be off by up to the factor l. Such calls take the dense backward, which
+# normalises the weights from the scores themselves. Without a float mask |lse| stays within the scores' range.
+LSE_EXACT_LIMIT = 2.0 ** 16
+
+
+def _lse_loses_precision(lse, mask) -> bool:
+    """Whether a row's lse is too large for exp(s - lse) to give its weights (see LSE_EXACT_LIMIT). On a GPU
+    this reads one flag back (a sync), for float-mask calls only."""
+    if mask is None or mask.dtype == torch.bool:
+        return False
+    return bool((torch.isfinite(lse) & (lse.abs() >= LSE_EXACT_LIMIT)).any())
+
+
+def _needs_dense_backward(q, E, Ev, dropout_p) -> bool:
+    """On a GPU, whether no spill-free Triton config exists for this backward (see _CONFIGS and _EXCLUDED)."""
+    arch = 0 if q.device.type != "cuda" else _device_arch()
+    if arch == 0:
+        return False
+    bucket = _head_bucket(max(_block(E), _block(Ev)))
+    variant = "dropout" if dropout_p > 0.0 else "base"
+    precision = _precision_class(q.dtype)
+    return any(_configs_for(arch, kernel, precision, bucket, variant) is None for kernel in ("dkdv", "dq"))
+
+
+def _dense_backward(grad_out, q, k, v, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state,
+                    mask_needs_grad):
+    """The same backward in dense PyTorch, in fp32, with our Philox keep pattern; lse enters through grad_lse.
+
+    Used only where every Triton config of the backward spills (fp32 at head dims above 128; fp16/bf16 with
+    dropout at head dims above 128 on sm_90), and for float-mask calls with a row whose lse fp32 cannot resolve
+    (LSE_EXACT_LIMIT): it materialises L x S per (batch, head), so it is a correctness fallback for rare calls,
+    not a fast path.
+    """
+    B, Hq, L, E = q.shape
+    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    group = Hq // Hkv
+    f32 = torch.float32
+    keys = k.to(f32).repeat_interleave(group, dim=1)
+    values = v.to(f32).repeat_interleave(group, dim=1)
+    scores = torch.einsum("bhld,bhsd->bhls", q.to(f32), keys) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(f32)
+    if is_causal:
+        visible = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~visible, float("-inf"))
+    # The weights from the row max and sum of the scores, not exp(scores - lse) (see LSE_EXACT_LIMIT). A fully
+    # masked row (max -inf) subtracts 0 and divides by 1: weights 0, as in the kernels. NaN stays NaN.
+    row_max = scores.amax(dim=-1, keepdim=True)
+    e = torch.exp(scores - torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max))
+    total = e.sum(dim=-1, keepdim=True)
+    p = e / torch.where(total == 0, torch.ones_like(total), total)
+    d_out = grad_out.to(f32)
+    dp = torch.einsum("bhld,bhsd->bhls", d_out, values)
+    p_dropped = p
+    if dropout_p > 0.0:
+        keep = dropout_keep_mask(rng_state, B, Hq, L, S, dropout_p, q.device).to(f32) / (1.0 - dropout_p)
+        p_dropped, dp = p * keep, dp * keep
+    delta = (p * dp).sum(dim=-1, keepdim=True)
+    if grad_lse is not None:
+        delta = delta - grad_lse.to(f32).unsqueeze(-1)
+    ds = p * (dp - delta)
+    results = (
+        torch.einsum("bhls,bhsd->bhld", ds, keys) * scale,
+        (torch.einsum("bhls,bhld->bhsd", ds, q.to(f32)) * scale).view(B, Hkv, group, S, E).sum(2),
+        torch.einsum("bhls,bhld->bhsd", p_dropped, d_out).view(B, Hkv, group, S, Ev).sum(2),
+    )
+    outputs = []
+    for value, like in zip(results, (q, k, v)):
+        outputs.append(_alloc.new_output(like.shape, like.dtype, like.device).copy_(value))
+    dmask = None
+    if mask_needs_grad and mask is not None:
+        dmask = _alloc.new_output((B, Hq, L, S), f32, q.device).copy_(ds)
+    return (*outputs, dmask)
+
+
+def attention_backward(grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state,
+                       mask_needs_grad):
+    """FlashAttention-2 backward: (dq, dk, dv, dmask); dmask (B, Hq, L, S) fp32 = dS when mask_needs_grad."""
+    B, Hq, L, E = q.shape
+    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    if _needs_dense_backward(q, E, Ev, dropout_p) or _lse_loses_precision(lse, mask):
+        return _dense_backward(grad_out, q, k, v, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state,
+                               mask_needs_grad)
+    dev = q.device
+    lse = lse.contiguous()  # our own forward output: already contiguous, so no copy
+    delta = torch.empty((B, Hq, L), dtype=torch.float32, device=dev)
+    score_lse = torch.empty((B, Hq, L), dtype=torch.float32, device=dev)
+    gl = grad_lse
+    # A float mask keeps the scores in natural-log units (tiles.py): the lse the passes subtract must match.
+    scores_natural = mask is not None and mask.dtype != torch.bool
+    _attn_bwd_preprocess_kernel[(triton.cdiv(L, PREPROCESS_BLOCK_M) * B * Hq,)](
+        out, grad_out, gl if gl is not None else lse, lse, delta, score_lse,
+        *out.stride(), *grad_out.stride(), *(gl.stride() if gl is not None else (0, 0, 0)),
+        Hq, L, HEAD_DIM_V=Ev, HAS_GRAD_LSE=gl is not None, SCORES_NATURAL=scores_natural,
+        BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_DV=_block(Ev))
+
+    dq = _alloc.new_output((B, Hq, L, E), q.dtype, dev)
+    dk = _alloc.new_output((B, Hkv, S, E), k.dtype, dev)
+    dv = _alloc.new_output((B, Hkv, S, Ev), v.dtype, dev)
+    write_dmask = bool(mask_needs_grad) and mask is not None
+    if write_dmask and mask.dtype == torch.bool:
+        raise ValueError("mask_needs_grad is set but attn_mask is a bool mask, which has no gradient")
+    dmask = _alloc.new_output((B, Hq, L, S), torch.float32, dev) if write_dmask else None
+    mask_t, mask_strides, has_mask, mask_is_bool = _mask_args(mask, dq)
+    rng = _check_rng(rng_state, dropout_p, dev)
+    rng_t = rng if rng is not None else delta
+    common = dict(HEAD_DIM=E, HEAD_DIM_V=Ev, IS_CAUSAL=bool(is_causal), HAS_MASK=has_mask,
+                  MASK_IS_BOOL=mask_is_bool, HAS_DROPOUT=rng is not None, DOT_PRECISION=_dot_precision(q.dtype),
+                  BLOCK_D=_block(E), BLOCK_DV=_block(Ev))
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *mask_strides)
+    split = _split_dkdv(max(_block(E), _block(Ev)), q.dtype)
+    for do_dk, do_dv in (((False, True), (True, False)) if split else ((True, True),)):
+        _launch(_attn_bwd_dkdv, lambda meta: triton.cdiv(S, meta["BLOCK_N"]) * B * Hkv,
+                q, k, v, grad_out, mask_t, rng_t, score_lse, delta, dk, dv, *strides,
+                Hq, Hkv, L, S, Hq // Hkv, float(scale), float(dropout_p), _seq_bucket(L), _seq_bucket(S),
+                DO_DK=do_dk, DO_DV=do_dv, **common)
+    _launch(_attn_bwd_dq, lambda meta: triton.cdiv(L, meta["BLOCK_M"]) * B * Hq,
+            q, k, v, grad_out, mask_t, rng_t, score_lse, delta, dq, dmask if write_dmask else dq, *strides,
+            Hq, L, S, Hq // Hkv, float(scale), float(dropout_p), _seq_bucket(L), _seq_bucket(S),
+            WRITE_DMASK=write_dmask, **common)
+    return dq, dk, dv, dmask
+
+
+def dropout_keep_mask(rng_state, B: int, Hq: int, L: int, S: int, dropout_p: float, device) -> torch.Tensor:
+    """The exact dropout keep pattern (True = keep), shape (B, Hq, L, S), that the attention kernels draw for
+    ``rng_state`` = [seed, offset]: the same Philox helper and offsets. For tests; the kernels never store it."""
+    rng = _check_rng(rng_state, dropout_p if dropout_p > 0 else 0.5, device)
+    keep = torch.empty((B, Hq, L, S), dtype=torch.int8, device=device)
+    block = 64
+    grid = (triton.cdiv(L, block), triton.cdiv(S, block), B * Hq)
+    _dropout_keep_mask_kernel[grid](rng, keep, L, S, float(dropout_p), BLOCK_M=block, BLOCK_N=block)
+    return keep.bool()

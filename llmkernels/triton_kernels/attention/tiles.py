@@ -1,0 +1,180 @@
+"""The ``@triton.jit`` helpers every attention kernel shares: tile loads, the score rule, the dropout pattern,
+and the opening of the kernels that own one query block (forward and dQ).
+
+- Masks are read tile by tile through their own strides (stride 0 on broadcast dims: a (L, S) mask costs one
+  L x S read per (batch, head), from L2), never expanded. Optional features are constexpr flags (HAS_MASK,
+  MASK_IS_BOOL, IS_CAUSAL, HAS_DROPOUT, WRITE_DMASK), so a call without them compiles to none of their code.
+- Dropout: the keep pattern is regenerated from Philox (``tl.rand(seed, offset)``, spelled out in
+  ``_dropout_keep`` so the stream is the same on every Triton version) wherever it is needed, with the 64-bit
+  offset ``base + ((b * Hq + h) * L + i) * S + j``; nothing is stored. Kept weights are scaled by 1 / (1 - p).
+  ``_dropout_keep_mask_kernel`` runs the same helper to hand the exact pattern to tests.
+
+Score units. Without a mask and with a bool mask the scores are kept in base 2 (log2(e) folded into the scale
+once, so each exponential is one ``exp2``). With a float (additive) mask they stay in natural-log units:
+``s = scale * q.k + mask``, running max and lse natural, and each exponential is ``exp(s - m)``, which Triton
+lowers for fp32 to exactly ``exp2((s - m) * log2(e))`` (one multiply, one ``ex2``). Scaling the mask by log2(e)
+instead would overflow to -inf for mask values below about -2.36e38: transformers' ``(1 - mask) *
+finfo(dtype).min`` masks would then turn a row whose every key carries that value into a "fully masked" row
+(output 0), where the contract (and PyTorch) add the finite value and average V. In Triton's interpreter
+``exp`` is numpy's, which underflows to 0 silently where ``(s - m) * log2(e)`` would overflow with a warning.
+``_score_scale`` and ``_exp_scores`` make the choice, by constexpr, so the base-2 paths compile as before.
+
+The kernels write log2(e) = 1.4426950408889634 (exp(x) = exp2(x * log2(e))) and ln(2) = 0.6931471805599453
+(ln(x) = log2(x) * ln(2)) as literals: plain Python globals are not constants inside @triton.jit code.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_rows(ptrs, rows, n_rows, cols, N_COLS: tl.constexpr, BLOCK_COLS: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """Load a (rows x BLOCK_COLS) tile, zero outside [0, n_rows) x [0, N_COLS).
+
+    The column test exists only for padded head dims (N_COLS < BLOCK_COLS, e.g. 72 in a 128 block) and the row
+    test only where the caller asks for it, so a full tile of a power-of-two head dim is a plain load.
+    """
+    if CHECK_ROWS:
+        if N_COLS == BLOCK_COLS:
+            tile = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < N_COLS), other=0.0)
+    else:
+        if N_COLS == BLOCK_COLS:
+            tile = tl.load(ptrs)
+        else:
+            tile = tl.load(ptrs, mask=cols[None, :] < N_COLS, other=0.0)
+    return tile
+
+
+@triton.jit
+def _dropout_keep(seed, row_offsets, col_offsets, dropout_p):
+    """The dropout keep pattern (True = keep) of a tile: Philox at 64-bit offset row_offsets + col_offsets.
+
+    row_offsets already holds base + ((b * Hq + h) * L + i) * S in int64; the caller arranges the two vectors as
+    a column and a row (either orientation), so the forward, both backward passes and ``dropout_keep_mask``
+    draw bit-identical patterns. ``tl.rand`` is uniform in [0, 1); keeping ``u >= p`` keeps with probability
+    1 - p, the convention of the reference (``rand >= p``).
+    """
+    offsets = row_offsets + col_offsets
+    # tl.rand(seed, offsets) spelled out: Philox on 32-bit counter words (low, high half of the 64-bit offset).
+    # Triton 3.8's tl.rand does exactly this for int64 offsets; older versions ran a 64-bit Philox instead, which
+    # costs twice the registers. Spelling it out pins one stream (and one cost) across Triton versions.
+    zero = tl.zeros(offsets.shape, tl.uint32)
+    bits, _, _, _ = tl.philox(seed, offsets.to(tl.uint32), (offsets >> 32).to(tl.uint32), zero, zero)
+    return tl.uint_to_uniform_float(bits) >= dropout_p
+
+
+@triton.jit
+def _dropout_keep_mask_kernel(RngState, Keep, L, S, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Write the keep pattern of one (b, h) tile, with the very helper and offsets the attention kernels use."""
+    bh = tl.program_id(2)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    seed = tl.load(RngState)
+    philox_rows = tl.load(RngState + 1) + (bh.to(tl.int64) * L + offs_m) * S
+    keep = _dropout_keep(seed, philox_rows[:, None], offs_n[None, :].to(tl.int64), dropout_p)
+    ptrs = Keep + (bh.to(tl.int64) * L + offs_m[:, None]) * S + offs_n[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < L) & (offs_n[None, :] < S))
+
+
+@triton.jit
+def _score_scale(scale, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr):
+    """The factor of q.k in the scores: ``scale`` (natural units) with a float mask, else ``scale * log2(e)``."""
+    if HAS_MASK and not MASK_IS_BOOL:
+        qk_scale = scale
+    else:
+        qk_scale = scale * 1.4426950408889634  # base 2: exp(x * scale) = exp2(x * scale * log2(e))
+    return qk_scale
+
+
+@triton.jit
+def _exp_scores(x, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr):
+    """exp of a difference ``x`` of scores (or of a score and an lse) in the units ``_score_scale`` chose."""
+    if HAS_MASK and not MASK_IS_BOOL:
+        e = tl.exp(x)
+    else:
+        e = tl.math.exp2(x)
+    return e
+
+
+@triton.jit
+def _masked_scores(s, mask_ptrs, row_ok, col_ok, offs_m, offs_n, HAS_MASK: tl.constexpr,
+                   MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, CHECK: tl.constexpr):
+    """Apply the user mask, the causal rule and the key bound to scores ``s`` (a tile in any orientation), in the
+    units ``_score_scale`` chose: natural with a float mask, base 2 otherwise.
+
+    offs_m / offs_n, row_ok / col_ok are shaped so that they broadcast against ``s`` (query index along one axis,
+    key index along the other). The mask tile is always loaded with both bounds, because it is a separate tensor
+    whose rows and columns end where L and S end, whatever phase the caller is in.
+    """
+    if HAS_MASK:
+        user_mask = tl.load(mask_ptrs, mask=row_ok & col_ok, other=0)
+        if MASK_IS_BOOL:
+            s = tl.where(user_mask != 0, s, float("-inf"))
+        else:
+            # Added as it is: the scores are in natural-log units on this path (see the module docstring).
+            s = s + user_mask.to(tl.float32)
+    if CHECK:
+        visible = col_ok
+        if IS_CAUSAL:
+            visible = visible & (offs_n <= offs_m)
+        s = tl.where(visible, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _query_block(Q, K, V, Mask, RngState, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh,
+                 stride_vb, stride_vh, stride_mask_b, stride_mask_h, stride_mask_m, Hq, L, S, GROUP,
+                 HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                 HAS_DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The opening of a kernel with one program per (query block, batch*head), the forward and dQ: which block
+    this program owns, its Q tile, the bases of its K/V head and mask rows, its Philox state, and the key range.
+
+    Returns (bh, off_b, off_h, offs_m, row_ok, q, K_base, V_base, mask_base, seed, philox_rows, n_plain, hi):
+    keys [0, n_plain) need no per-element test (in bounds and, when causal, left of every row of this block),
+    keys [n_plain, hi) are the causal diagonal and/or the ragged last block, keys >= hi are never visited.
+    """
+    # One flat grid axis (CUDA's second and third axes stop at 65535): query blocks of one head are
+    # neighbours, so they share that head's K/V in L2. Causal: the longest rows (last query blocks) start first,
+    # so the short ones fill the tail of the launch.
+    num_m_blocks = tl.cdiv(L, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // num_m_blocks
+    m_block = pid % num_m_blocks
+    if IS_CAUSAL:
+        m_block = num_m_blocks - 1 - m_block
+    off_b = bh // Hq
+    off_h = bh % Hq
+    off_kvh = off_h // GROUP
+    start_m = m_block * BLOCK_M
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < L
+    # Batch/head offsets in int64: a tensor may pass 2^31 elements.
+    q_ptrs = (Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+              + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+    q = _load_rows(q_ptrs, offs_m, L, offs_d, HEAD_DIM, BLOCK_D, True)
+    K_base = K + off_b.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh
+    V_base = V + off_b.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh
+    mask_base = Mask
+    if HAS_MASK:
+        mask_base = (Mask + off_b.to(tl.int64) * stride_mask_b + off_h.to(tl.int64) * stride_mask_h
+                     + offs_m.to(tl.int64)[:, None] * stride_mask_m)
+    seed = 0
+    philox_rows = offs_m.to(tl.int64)
+    if HAS_DROPOUT:
+        seed = tl.load(RngState)
+        philox_rows = tl.load(RngState + 1) + (bh.to(tl.int64) * L + offs_m) * S
+
+    n_in_bounds = (S // BLOCK_N) * BLOCK_N
+    if IS_CAUSAL:
+        hi = tl.minimum(S, start_m + BLOCK_M)
+        n_plain = tl.minimum((start_m // BLOCK_N) * BLOCK_N, n_in_bounds)
+    else:
+        hi = S
+        n_plain = n_in_bounds
+    return bh, off_b, off_h, offs_m, row_ok, q, K_base, V_base, mask_base, seed, philox_rows, n_plain, hi
