@@ -1,4 +1,4 @@
-"""Run the CUDA C++ kernels of csrc/ on the CPU, for checking them on machines without a GPU.
+"""Run the CUDA C++ kernels of llmkernels/csrc/ on the CPU, for checking them on machines without a GPU.
 
 The real kernel sources are compiled by the host compiler after a few mechanical rewrites, and every CUDA thread
 becomes an OS thread:

@@ -1,4 +1,4 @@
-"""The CUDA C++ backend (csrc/, llmkernels/cuda_ext.py).
+"""The CUDA C++ backend (llmkernels/csrc/, llmkernels/cuda_ext.py).
 
 Without a GPU (CI, the development machines) this builds the extension just in time with nvcc, imports it, checks
 that every op is registered in torch.ops.llmkernels_cuda with the expected schema, that the fake implementations
@@ -180,8 +180,8 @@ def test_cpu_tensors_are_refused_with_a_reason():
 # ----------------------------------------------------------------------------------------------------------------
 # correctness: on a GPU ("gpu"), and everywhere through the CPU emulation of the same sources ("emulated")
 #
-# tests/cuda_emulation.py compiles csrc/ (kernels and host code) for the CPU with one OS thread per CUDA thread;
-# the backend's ops are pointed at it and the public API runs unchanged on CPU tensors. It checks the kernels'
+# tests/cuda_emulation.py compiles llmkernels/csrc/ (kernels and host code) for the CPU with one OS thread per CUDA
+# thread; the backend's ops are pointed at it and the public API runs unchanged on CPU tensors. It checks the kernels'
 # logic (indexing, masking, online softmax, barriers, backward math, dropout regeneration) without a GPU; the
 # "gpu" variants check the real thing (MMA hardware layout, races, the compiled code) and are skipped without one.
 
