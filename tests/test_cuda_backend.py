@@ -309,6 +309,37 @@ def test_attention_fully_masked_rows(target):
     assert (out[:, :, 0] == 0).all() and torch.isneginf(lse[:, :, 0]).all() and torch.isfinite(lse[:, :, 1:]).all()
 
 
+@pytest.mark.parametrize("dt", ["fp32", "bf16", "fp16"])
+def test_attention_float_mask_at_the_dtype_minimum(target, dt):
+    """transformers' additive masks, (1 - mask) * finfo(dtype).min, are added as the contract says: a row whose every
+    key carries the minimum averages V as PyTorch does (scaling the mask by log2(e) first overflowed to -inf there
+    and gave 0), forward and backward; a row with some keys at the minimum ignores them."""
+    dtype = DTYPES[dt]
+    q, k, v = _inputs(1, 2, 2, 8, 8, 16, 16, dtype, target, seed=9)
+    lowest = torch.finfo(dtype).min
+    mask = torch.zeros(1, 1, 8, 8, dtype=dtype)
+    mask[..., 3, :] = lowest
+    mask[..., 5, ::2] = lowest
+    mask = mask.to(target)
+    out, lse, grads = check_attention(q, k, v, mask)
+    assert all(torch.isfinite(g).all() for g in grads) and torch.isfinite(lse).all()
+    # Row 3 against PyTorch's SDPA (in the input dtype) and the float64 mean of V, under the tolerance rule.
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q.cpu(), k.cpu(), v.cpu(), attn_mask=mask.cpu())
+    mean_v = v.cpu().double().mean(dim=-2)
+    assert_by_rule("row 3", out[:, :, 3].cpu(), mean_v, sdpa[:, :, 3], dtype)
+    assert out[:, :, 3].abs().max() > 0.01
+
+
+def test_masked_softmax_float_mask_at_the_dtype_minimum(target):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.randn(2, 3, 5, 40, generator=torch.Generator().manual_seed(4)).to(target, dtype)
+        mask = torch.zeros(5, 40, dtype=dtype)
+        mask[1] = torch.finfo(dtype).min  # every key at the minimum: uniform weights, as torch.softmax gives
+        mask[2, 7:] = torch.finfo(dtype).min
+        y = check_softmax(x, mask.to(target), scale=0.5)
+        torch.testing.assert_close(y[:, :, 1].float().cpu(), torch.full((2, 3, 40), 1 / 40), rtol=0, atol=2e-3)
+
+
 @pytest.mark.parametrize("dt,Hq,Hkv,mask_kind,causal", [
     ("fp32", 2, 2, None, False), ("bf16", 4, 2, "float", True), ("fp16", 3, 1, "bool", False)])
 def test_attention_dropout_exact(target, dt, Hq, Hkv, mask_kind, causal):
