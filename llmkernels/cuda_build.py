@@ -1,5 +1,8 @@
 """How the CUDA C++ extension is built: sources, flags, target architectures, the CUDA toolkit.
 
+The sources live inside the package (``llmkernels/csrc/``, shipped as package data), so an installed wheel can
+build the extension just in time as a checkout can.
+
 One definition for both builds: ahead of time by ``setup.py`` (``LLMKERNELS_BUILD_CUDA=1``, through
 ``cuda_build_kwargs``) and just in time by ``llmkernels.cuda_ext`` (``torch.utils.cpp_extension.load``). This module
 imports nothing heavy at import time, so ``setup.py`` can load it by file path before the package is installed.
@@ -20,8 +23,10 @@ import subprocess
 from pathlib import Path
 from typing import Optional
 
-ROOT = Path(__file__).resolve().parent.parent
-CSRC = ROOT / "csrc"
+PACKAGE = Path(__file__).resolve().parent
+CSRC = PACKAGE / "csrc"
+# The directory above the package: setup.py's extension sources must be given relative to it (the checkout).
+ROOT = PACKAGE.parent
 # Four translation units so that the build parallelises; the .cu files include no torch headers (fast nvcc runs).
 SOURCES = ("bindings.cpp", "attention_fwd.cu", "attention_bwd.cu", "softmax.cu")
 HEADERS = ("llmk_params.h", "llmk_device.cuh")
@@ -69,8 +74,27 @@ def cxx_flags() -> list:
     return ["-O3"]
 
 
-def source_paths() -> list:
-    return [str(CSRC / s) for s in SOURCES]
+def source_paths(csrc: Optional[Path] = None) -> list:
+    return [str((csrc or CSRC) / s) for s in SOURCES]
+
+
+def stage_sources(build_dir: str) -> Path:
+    """Copy the sources and headers into ``build_dir/src`` and return that folder.
+
+    The just-in-time build compiles these copies, not the package's files: the build directory is named by a hash of
+    the sources' contents (``build_hash``), and torch writes the source paths into its ninja file, so compiling the
+    package's files in place would make the same build depend on where the package lies. A checkout and an
+    installed wheel with the same sources would then rewrite each other's ninja file and recompile everything each
+    time; with the copies they share one cached build. A copy is rewritten only when its bytes differ, so that ninja
+    sees unchanged timestamps."""
+    dest = Path(build_dir) / "src"
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in SOURCES + HEADERS:
+        data = (CSRC / name).read_bytes()
+        target = dest / name
+        if not target.exists() or target.read_bytes() != data:
+            target.write_bytes(data)
+    return dest
 
 
 def find_cuda_home() -> Optional[str]:
@@ -143,9 +167,9 @@ def jit_load(build_dir: str, name: str, verbose: bool):
     prepare_environment()
     from torch.utils.cpp_extension import load  # noqa: PLC0415
 
-    os.makedirs(build_dir, exist_ok=True)
-    return load(name=name, sources=source_paths(), extra_cflags=cxx_flags(), extra_cuda_cflags=nvcc_flags(),
-                extra_include_paths=[str(CSRC)], build_directory=build_dir, verbose=verbose, with_cuda=True)
+    src = stage_sources(build_dir)
+    return load(name=name, sources=source_paths(src), extra_cflags=cxx_flags(), extra_cuda_cflags=nvcc_flags(),
+                extra_include_paths=[str(src)], build_directory=build_dir, verbose=verbose, with_cuda=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""The CUDA C++ backend ("cuda"): loading the extension of ``csrc/`` and the backend functions of dispatch.py.
+"""The CUDA C++ backend ("cuda"): loading the extension of ``llmkernels/csrc/`` and the backend functions of
+dispatch.py.
 
-The extension registers its ops in ``torch.ops.llmkernels_cuda`` (schemas in ``csrc/bindings.cpp``); they write
-into outputs allocated here with ``_alloc.new_output``. The public, autograd-carrying ops stay the Python-defined
+The extension registers its ops in ``torch.ops.llmkernels_cuda`` (schemas in ``llmkernels/csrc/bindings.cpp``); they
+write into outputs allocated here with ``_alloc.new_output``. The public, autograd-carrying ops stay the Python-defined
 ``llmkernels::*`` ops of ``ops.py``, which call these functions when the "cuda" backend is chosen.
 
 Where the module comes from, in order:

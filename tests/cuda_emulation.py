@@ -1,8 +1,9 @@
-"""Run the CUDA C++ kernels of csrc/ on the CPU, for checking them on machines without a GPU.
+"""Run the CUDA C++ kernels of llmkernels/csrc/ on the CPU, for checking them on machines without a GPU.
 
 The real kernel sources are compiled by the host compiler after a few mechanical rewrites, and every CUDA thread
 becomes an OS thread:
-  __syncthreads / __syncwarp     -> barriers over the block's / the warp's threads
+  __syncthreads / __syncwarp     -> barriers over the block's / the warp's threads (__syncthreads_or: a flag
+                                    written between two block barriers, read, and cleared after a third)
   __shfl_xor_sync                -> an exchange through a per-warp buffer between two warp barriers
   mma.sync.m16n8k16 (inline PTX) -> a warp-collective product that rebuilds A (16x16) and B (16x8) from all
                                     lanes' fragments with the PTX ISA layout and computes D in fp32
@@ -54,6 +55,7 @@ struct Barrier {
 };
 struct Block {
   std::unique_ptr<Barrier> block;
+  int or_flag = 0;
   std::vector<std::unique_ptr<Barrier>> warps;
   float shfl[32][32];
   uint32_t a[32][32][4], b[32][32][2];
@@ -65,6 +67,15 @@ inline dim3 g_bdim, g_gdim;
 alignas(16) inline unsigned char dyn_smem[256 * 1024];
 
 inline void syncthreads() { g_block->block->wait(); }
+inline int syncthreads_or(int pred) {
+  syncthreads();  // every thread has read the flag of the previous call, and thread 0 has cleared it
+  if (pred) g_block->or_flag = 1;
+  syncthreads();
+  const int r = g_block->or_flag;
+  syncthreads();
+  if (t_tid.x == 0) g_block->or_flag = 0;
+  return r;
+}
 inline void syncwarp() { g_block->warps[t_tid.x / 32]->wait(); }
 inline float shfl_xor(float v, int o) {
   const int w = t_tid.x / 32, l = t_tid.x % 32;
@@ -158,6 +169,7 @@ inline float atomicAdd(float* p, float v) { return emu::atomic_add(p, v); }
 #define blockDim emu::g_bdim
 #define gridDim emu::g_gdim
 #define __syncthreads() emu::syncthreads()
+#define __syncthreads_or(pred) emu::syncthreads_or(pred)
 #define __syncwarp() emu::syncwarp()
 #define __shfl_xor_sync(mask, v, o) emu::shfl_xor(v, o)
 #define cudaFuncSetAttribute(...) cudaSuccess

@@ -1,4 +1,4 @@
-"""The CUDA C++ backend (csrc/, llmkernels/cuda_ext.py).
+"""The CUDA C++ backend (llmkernels/csrc/, llmkernels/cuda_ext.py).
 
 Without a GPU (CI, the development machines) this builds the extension just in time with nvcc, imports it, checks
 that every op is registered in torch.ops.llmkernels_cuda with the expected schema, that the fake implementations
@@ -180,8 +180,8 @@ def test_cpu_tensors_are_refused_with_a_reason():
 # ----------------------------------------------------------------------------------------------------------------
 # correctness: on a GPU ("gpu"), and everywhere through the CPU emulation of the same sources ("emulated")
 #
-# tests/cuda_emulation.py compiles csrc/ (kernels and host code) for the CPU with one OS thread per CUDA thread;
-# the backend's ops are pointed at it and the public API runs unchanged on CPU tensors. It checks the kernels'
+# tests/cuda_emulation.py compiles llmkernels/csrc/ (kernels and host code) for the CPU with one OS thread per CUDA
+# thread; the backend's ops are pointed at it and the public API runs unchanged on CPU tensors. It checks the kernels'
 # logic (indexing, masking, online softmax, barriers, backward math, dropout regeneration) without a GPU; the
 # "gpu" variants check the real thing (MMA hardware layout, races, the compiled code) and are skipped without one.
 
@@ -307,6 +307,55 @@ def test_attention_fully_masked_rows(target):
     hide_first[:, 0] = False
     out, lse, _ = check_attention(q, k, v, hide_first.to(target), is_causal=True)
     assert (out[:, :, 0] == 0).all() and torch.isneginf(lse[:, :, 0]).all() and torch.isfinite(lse[:, :, 1:]).all()
+
+
+@pytest.mark.parametrize("dt", ["fp32", "bf16", "fp16"])
+def test_attention_float_mask_at_the_dtype_minimum(target, dt):
+    """transformers' additive masks, (1 - mask) * finfo(dtype).min, are added as the contract says: a row whose every
+    key carries the minimum averages V as PyTorch does (scaling the mask by log2(e) first overflowed to -inf there
+    and gave 0), forward and backward; a row with some keys at the minimum ignores them.
+
+    Gradients flow in through the output only: at lse ~ -3.4e38 the references' own lse gradient is off (their
+    logsumexp backward, exp(s - lse), loses the row sum in the rounding of lse, the flaw the kernels' statistics pass
+    avoids), so attention_check's random lse gradient would compare against a wrong value."""
+    dtype = DTYPES[dt]
+    q, k, v = _inputs(1, 2, 2, 8, 8, 16, 16, dtype, target, seed=9)
+    lowest = torch.finfo(dtype).min
+    mask = torch.zeros(1, 1, 8, 8, dtype=dtype)
+    mask[..., 3, :] = lowest
+    mask[..., 5, ::2] = lowest
+    mask = mask.to(target)
+    grad_out = torch.randn(1, 2, 8, 16, generator=torch.Generator().manual_seed(2)).to(target, dtype)
+
+    def run(cast, backend=None, compute_dtype=None):
+        ins = [leaf(t.to(cast)) for t in (q, k, v, mask)]
+        if backend:
+            out, lse = llmkernels.scaled_dot_product_attention(*ins, return_lse=True, backend=backend)
+        else:
+            out, lse = reference.scaled_dot_product_attention(*ins, return_lse=True, compute_dtype=compute_dtype)
+        return out, lse, torch.autograd.grad(out, ins, grad_out.to(cast))
+
+    ours, ref64, naive = run(dtype, "cuda"), run(torch.float64, compute_dtype=torch.float64), run(dtype)
+    for name, a, r, n in zip(("out", "lse", "dq", "dk", "dv", "dmask"), (ours[0], ours[1], *ours[2]),
+                             (ref64[0], ref64[1], *ref64[2]), (naive[0], naive[1], *naive[2])):
+        assert torch.isfinite(a).all(), name
+        assert_by_rule(name, a.cpu(), r.cpu(), n.cpu(), dtype)
+    # Row 3 against PyTorch's SDPA (in the input dtype) and the float64 mean of V, under the tolerance rule.
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q.cpu(), k.cpu(), v.cpu(), attn_mask=mask.cpu())
+    assert_by_rule("row 3", ours[0][:, :, 3].cpu(), v.cpu().double().mean(dim=-2), sdpa[:, :, 3], dtype)
+    assert ours[0][:, :, 3].abs().max() > 0.01
+
+
+def test_masked_softmax_float_mask_at_the_dtype_minimum(target):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.randn(2, 3, 5, 40, generator=torch.Generator().manual_seed(4)).to(target, dtype)
+        mask = torch.zeros(5, 40, dtype=dtype)
+        mask[1] = torch.finfo(dtype).min  # every key at the minimum: what torch.softmax gives, not 0
+        mask[2, 7:] = torch.finfo(dtype).min
+        y = check_softmax(x, mask.to(target), scale=0.5)
+        torch_y = torch.softmax(0.5 * x.cpu().float() + mask.float(), dim=-1)
+        assert_by_rule("row 1", y[:, :, 1].cpu(), torch_y[:, :, 1].double(), torch_y[:, :, 1].to(dtype), dtype)
+        assert (y[:, :, 1].float() > 0).all()
 
 
 @pytest.mark.parametrize("dt,Hq,Hkv,mask_kind,causal", [

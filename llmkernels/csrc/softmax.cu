@@ -3,7 +3,8 @@
 //   variant 2:    a block of 256 threads per row, the row in registers (N <= 4096);
 //   variant 3:    a block per row streaming the row twice (online max/sum, then the output): any N.
 // Inputs are read through their strides (16-byte loads when the row is contiguous and aligned, element by element
-// otherwise); the output is contiguous. Arithmetic in fp32, base 2 (exp2 with log2(e) folded into the scale).
+// otherwise); the output is contiguous. Arithmetic in fp32, scores in ScoreUnits (base 2 with log2(e) folded into the
+// scale, natural with a float mask).
 #include <cstring>
 
 #include "llmk_device.cuh"
@@ -77,7 +78,12 @@ __device__ __forceinline__ RowIndex split_row(int64_t row, int64_t B, int64_t M)
   return RowIndex{row / M / B, (row / M) % B, row % M};
 }
 
-// The base-2 logits of chunk j0 of a row: scale * x (+ mask), -inf where masked, causal-hidden or past N.
+// Where row (a, b, m) starts in a tensor with these strides (in elements).
+__device__ __forceinline__ int64_t row_offset(const int64_t (&stride)[4], const RowIndex& ri) {
+  return ri.a * stride[0] + ri.b * stride[1] + ri.m * stride[2];
+}
+
+// The logits of chunk j0 of a row in ScoreUnits: scale * x (+ mask), -inf where masked, causal-hidden or past N.
 template <typename T>
 __device__ __forceinline__ void logits_chunk(float (&t)[Vec<T>::N], const SoftmaxFwdParams& p, const T* xrow,
                                              int64_t mask_row, int64_t m, int64_t j0) {
@@ -87,9 +93,9 @@ __device__ __forceinline__ void logits_chunk(float (&t)[Vec<T>::N], const Softma
   for (int v = 0; v < V; ++v) {
     const int64_t j = j0 + v;
     const bool visible = j < p.N && (!p.causal || j <= m);
-    float x = t[v] * p.scale_log2;
+    float x = t[v] * p.score_scale;
     if (visible && p.mask_kind != MASK_NONE) {
-      x = apply_mask_log2(x, mask_value(p.mask, p.mask_kind, mask_row + j * p.mask_stride[3]));
+      x = apply_mask(x, mask_value(p.mask, p.mask_kind, mask_row + j * p.mask_stride[3]));
     }
     t[v] = visible ? x : -INFINITY;
   }
@@ -127,8 +133,9 @@ softmax_fwd_regs_kernel(const SoftmaxFwdParams p) {
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * RPB + threadIdx.x / TPR; row < rows;
        row += static_cast<int64_t>(gridDim.x) * RPB) {
     const RowIndex ri = split_row(row, p.B, p.M);
-    const T* xrow = static_cast<const T*>(p.x) + ri.a * p.x_stride[0] + ri.b * p.x_stride[1] + ri.m * p.x_stride[2];
-    const int64_t mask_row = ri.a * p.mask_stride[0] + ri.b * p.mask_stride[1] + ri.m * p.mask_stride[2];
+    const T* xrow = static_cast<const T*>(p.x) + row_offset(p.x_stride, ri);
+    const int64_t mask_row = row_offset(p.mask_stride, ri);
+    const ScoreUnits units{p.natural};
     float t[CPT][V];
     float mx = -INFINITY;
 #pragma unroll
@@ -144,7 +151,7 @@ softmax_fwd_regs_kernel(const SoftmaxFwdParams p) {
     for (int c = 0; c < CPT; ++c)
 #pragma unroll
       for (int v = 0; v < V; ++v) {
-        t[c][v] = exp2f(t[c][v] - m_use);
+        t[c][v] = units.weight(t[c][v], m_use);
         sum += t[c][v];
       }
     sum = row_sum<TPR, BLOCK>(sum, red);
@@ -168,8 +175,9 @@ __global__ void __launch_bounds__(kRowBlock, 1) softmax_fwd_stream_kernel(const 
   const int64_t rows = p.A * p.B * p.M;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const RowIndex ri = split_row(row, p.B, p.M);
-    const T* xrow = static_cast<const T*>(p.x) + ri.a * p.x_stride[0] + ri.b * p.x_stride[1] + ri.m * p.x_stride[2];
-    const int64_t mask_row = ri.a * p.mask_stride[0] + ri.b * p.mask_stride[1] + ri.m * p.mask_stride[2];
+    const T* xrow = static_cast<const T*>(p.x) + row_offset(p.x_stride, ri);
+    const int64_t mask_row = row_offset(p.mask_stride, ri);
+    const ScoreUnits units{p.natural};
     float m_run = -INFINITY, l_run = 0.f;
     for (int64_t j0 = static_cast<int64_t>(threadIdx.x) * V; j0 < p.N; j0 += static_cast<int64_t>(kRowBlock) * V) {
       float t[V];
@@ -180,20 +188,20 @@ __global__ void __launch_bounds__(kRowBlock, 1) softmax_fwd_stream_kernel(const 
       const float cm_use = cm == -INFINITY ? 0.f : cm;
       float s = 0.f;
 #pragma unroll
-      for (int v = 0; v < V; ++v) s += exp2f(t[v] - cm_use);
-      l_run = l_run * exp2f(m_run - cm_use) + s;
+      for (int v = 0; v < V; ++v) s += units.weight(t[v], cm_use);
+      l_run = l_run * units.weight(m_run, cm_use) + s;
       m_run = cm;
     }
     const float mx = block_max<kRowBlock>(m_run, red);
     const float m_use = mx == -INFINITY ? 0.f : mx;
-    const float sum = block_sum<kRowBlock>(l_run * exp2f(m_run - m_use), red);
+    const float sum = block_sum<kRowBlock>(l_run * units.weight(m_run, m_use), red);
     const float inv = mx == -INFINITY ? 0.f : 1.f / sum;
     T* yrow = static_cast<T*>(p.y) + row * p.N;
     for (int64_t j0 = static_cast<int64_t>(threadIdx.x) * V; j0 < p.N; j0 += static_cast<int64_t>(kRowBlock) * V) {
       float t[V];
       logits_chunk<T>(t, p, xrow, mask_row, ri.m, j0);
 #pragma unroll
-      for (int v = 0; v < V; ++v) t[v] = exp2f(t[v] - m_use) * inv;
+      for (int v = 0; v < V; ++v) t[v] = units.weight(t[v], m_use) * inv;
       store_chunk<T>(yrow, j0, p.N, t, p.y_vec);
     }
   }
@@ -213,9 +221,8 @@ softmax_bwd_regs_kernel(const SoftmaxBwdParams p) {
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * RPB + threadIdx.x / TPR; row < rows;
        row += static_cast<int64_t>(gridDim.x) * RPB) {
     const RowIndex ri = split_row(row, p.B, p.M);
-    const T* yrow = static_cast<const T*>(p.y) + ri.a * p.y_stride[0] + ri.b * p.y_stride[1] + ri.m * p.y_stride[2];
-    const T* dyrow =
-        static_cast<const T*>(p.dy) + ri.a * p.dy_stride[0] + ri.b * p.dy_stride[1] + ri.m * p.dy_stride[2];
+    const T* yrow = static_cast<const T*>(p.y) + row_offset(p.y_stride, ri);
+    const T* dyrow = static_cast<const T*>(p.dy) + row_offset(p.dy_stride, ri);
     float y[CPT][V], dy[CPT][V];
     float dot = 0.f;
 #pragma unroll
@@ -244,9 +251,8 @@ __global__ void __launch_bounds__(kRowBlock, 1) softmax_bwd_stream_kernel(const 
   const int64_t rows = p.A * p.B * p.M;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const RowIndex ri = split_row(row, p.B, p.M);
-    const T* yrow = static_cast<const T*>(p.y) + ri.a * p.y_stride[0] + ri.b * p.y_stride[1] + ri.m * p.y_stride[2];
-    const T* dyrow =
-        static_cast<const T*>(p.dy) + ri.a * p.dy_stride[0] + ri.b * p.dy_stride[1] + ri.m * p.dy_stride[2];
+    const T* yrow = static_cast<const T*>(p.y) + row_offset(p.y_stride, ri);
+    const T* dyrow = static_cast<const T*>(p.dy) + row_offset(p.dy_stride, ri);
     float dot = 0.f;
     for (int64_t j0 = static_cast<int64_t>(threadIdx.x) * V; j0 < p.N; j0 += static_cast<int64_t>(kRowBlock) * V) {
       float y[V], dy[V];
@@ -276,48 +282,43 @@ static unsigned grid_for(int64_t rows, int rows_per_block) {
   return static_cast<unsigned>(blocks < kMaxBlocks ? blocks : kMaxBlocks);
 }
 
+// The kernels of one direction, indexed by softmax_variant: both directions pick and launch them the same way.
+template <typename P>
+struct SoftmaxKernels {
+  void (*by_variant[4])(P);
+};
+
 template <typename T>
-static cudaError_t softmax_fwd_typed(const SoftmaxFwdParams& p, cudaStream_t stream) {
-  const int64_t rows = p.A * p.B * p.M;
-  if (rows == 0 || p.N == 0) return cudaSuccess;
-  switch (softmax_variant(p.N)) {
-    case 0: softmax_fwd_regs_kernel<T, 32, 8><<<grid_for(rows, kWarpBlock / 32), kWarpBlock, 0, stream>>>(p); break;
-    case 1: softmax_fwd_regs_kernel<T, 32, 16><<<grid_for(rows, kWarpBlock / 32), kWarpBlock, 0, stream>>>(p); break;
-    case 2: softmax_fwd_regs_kernel<T, kRowBlock, kBlockEPT><<<grid_for(rows, 1), kRowBlock, 0, stream>>>(p); break;
-    default: softmax_fwd_stream_kernel<T><<<grid_for(rows, 1), kRowBlock, 0, stream>>>(p); break;
-  }
-  return cudaGetLastError();
+static SoftmaxKernels<SoftmaxFwdParams> fwd_kernels() {
+  return {{softmax_fwd_regs_kernel<T, 32, 8>, softmax_fwd_regs_kernel<T, 32, 16>,
+           softmax_fwd_regs_kernel<T, kRowBlock, kBlockEPT>, softmax_fwd_stream_kernel<T>}};
 }
 
 template <typename T>
-static cudaError_t softmax_bwd_typed(const SoftmaxBwdParams& p, cudaStream_t stream) {
+static SoftmaxKernels<SoftmaxBwdParams> bwd_kernels() {
+  return {{softmax_bwd_regs_kernel<T, 32, 8>, softmax_bwd_regs_kernel<T, 32, 16>,
+           softmax_bwd_regs_kernel<T, kRowBlock, kBlockEPT>, softmax_bwd_stream_kernel<T>}};
+}
+
+template <typename P>
+static cudaError_t launch_softmax(const P& p, const SoftmaxKernels<P>& kernels, cudaStream_t stream) {
   const int64_t rows = p.A * p.B * p.M;
   if (rows == 0 || p.N == 0) return cudaSuccess;
-  switch (softmax_variant(p.N)) {
-    case 0: softmax_bwd_regs_kernel<T, 32, 8><<<grid_for(rows, kWarpBlock / 32), kWarpBlock, 0, stream>>>(p); break;
-    case 1: softmax_bwd_regs_kernel<T, 32, 16><<<grid_for(rows, kWarpBlock / 32), kWarpBlock, 0, stream>>>(p); break;
-    case 2: softmax_bwd_regs_kernel<T, kRowBlock, kBlockEPT><<<grid_for(rows, 1), kRowBlock, 0, stream>>>(p); break;
-    default: softmax_bwd_stream_kernel<T><<<grid_for(rows, 1), kRowBlock, 0, stream>>>(p); break;
-  }
+  const int variant = softmax_variant(p.N);
+  const bool warp_per_row = variant < 2;
+  const auto kernel = kernels.by_variant[variant];
+  kernel<<<grid_for(rows, warp_per_row ? kWarpBlock / 32 : 1), warp_per_row ? kWarpBlock : kRowBlock, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
 cudaError_t launch_softmax_fwd(const SoftmaxFwdParams& p, int dtype, cudaStream_t stream) {
-  switch (dtype) {
-    case DT_F16: return softmax_fwd_typed<__half>(p, stream);
-    case DT_BF16: return softmax_fwd_typed<__nv_bfloat16>(p, stream);
-    case DT_F32: return softmax_fwd_typed<float>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return with_dtype(dtype, cudaErrorInvalidValue,
+                    [&](auto t) { return launch_softmax(p, fwd_kernels<decltype(t)>(), stream); });
 }
 
 cudaError_t launch_softmax_bwd(const SoftmaxBwdParams& p, int dtype, cudaStream_t stream) {
-  switch (dtype) {
-    case DT_F16: return softmax_bwd_typed<__half>(p, stream);
-    case DT_BF16: return softmax_bwd_typed<__nv_bfloat16>(p, stream);
-    case DT_F32: return softmax_bwd_typed<float>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return with_dtype(dtype, cudaErrorInvalidValue,
+                    [&](auto t) { return launch_softmax(p, bwd_kernels<decltype(t)>(), stream); });
 }
 
 }  // namespace llmk

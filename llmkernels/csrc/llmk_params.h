@@ -32,10 +32,17 @@ struct AttnFwdParams {
   bool q_vec, k_vec, v_vec, out_vec;  // 16-byte loads/stores are allowed for this tensor (checked on the host)
   int mask_kind;
   bool causal;          // top-left: query i sees keys j <= i
-  float scale_log2;     // scale * log2(e): the kernels work in base 2
+  bool natural;         // scores in natural units (with a float mask), else base 2: see ScoreUnits
+  float score_scale;    // scale, or scale * log2(e) for base-2 scores
   float dropout_p;      // 0: no dropout
   float keep_scale;     // 1 / (1 - dropout_p)
   const int64_t* rng;   // device pointer to [seed, offset] when dropout_p > 0
+  // Statistics mode, for the backward (stats_ref != null): out and lse are not written. For each tile of BM rows
+  // where a row has a finite |stats_lse| >= kCoarseLse, the rows' reference (their max m, in score units) and 1 / l
+  // are written to stats_ref and stats_inv_l; other tiles get from_lse(stats_lse) and 1.
+  const float* stats_lse;  // (B,Hq,L) contiguous, the forward's lse
+  float* stats_ref;        // (B,Hq,L) contiguous
+  float* stats_inv_l;      // (B,Hq,L) contiguous
 };
 
 struct AttnBwdParams {
@@ -55,8 +62,13 @@ struct AttnBwdParams {
   bool q_vec, k_vec, v_vec, dout_vec;
   int mask_kind;
   bool causal;
+  bool natural;         // as in AttnFwdParams
   float scale;          // natural units, for dQ and dK
-  float scale_log2;
+  float score_scale;    // as in AttnFwdParams
+  // With a float mask: per-row reference and 1 / l from the forward kernel's statistics mode; P = weight(s, ref) *
+  // inv_l. Null: ref = from_lse(lse), inv_l = 1.
+  const float* row_ref;
+  const float* row_inv_l;
   float dropout_p;
   float keep_scale;
   const int64_t* rng;
@@ -107,7 +119,8 @@ struct SoftmaxFwdParams {
   bool x_vec, y_vec;
   int mask_kind;
   bool causal;           // column j > row m is masked
-  float scale_log2;
+  bool natural;          // as in AttnFwdParams
+  float score_scale;     // as in AttnFwdParams
 };
 
 struct SoftmaxBwdParams {

@@ -1,6 +1,7 @@
 // Attention backward, FlashAttention-2 structure: one block per (batch, key/value head, BN keys). The K and V
 // tiles stay in shared memory; the block walks over every query head of its GQA group and every tile of BM query
-// rows, recomputes P = exp2(S - lse) from the saved log-sum-exp, and
+// rows, recomputes P from the saved log-sum-exp (P = weight(S, lse), see ScoreUnits; with a float mask, rows whose
+// float32 lse is too coarse to hold the row sum take their max and sum from the forward kernel's statistics mode), and
 //   dV += Pd^T dO          (Pd: P with dropout applied and scaled by 1/(1-p))
 //   dP  = (dO V^T) * keep / (1-p)
 //   dS  = P * (dP - delta)   (delta = rowsum(dO * O) - grad_lse, from the delta kernel below)
@@ -40,6 +41,27 @@ struct BwdLayout {
 // The output columns of the dV / dK / dQ products are done in chunks of CH columns to bound the registers.
 constexpr int CH = 64;
 
+// acc (BN keys x D, fp32 shared memory) += A^T B over the BM query rows of the tile, for the columns below ncols16:
+// warp w owns keys 16 w .. + 16, A is BM x BN (leading dim LDP, read transposed), B is BM x D (leading dim LD).
+// The dV (A = Pd, B = dO) and dK (A = dS, B = Q) accumulations.
+template <typename T, int D, int BM, int LD, int LDP>
+__device__ __forceinline__ void accumulate_key_grad(float* acc, const T* A, const T* B, int ncols16) {
+  constexpr int NT_C = CH / 8;
+  const int warp = threadIdx.x >> 5;
+  for (int c0 = 0; c0 < ncols16 && c0 < D; c0 += CH) {
+    float part[NT_C][4];
+#pragma unroll
+    for (int nt = 0; nt < NT_C; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) part[nt][e] = acc[(warp * 16 + acc_row(e)) * D + c0 + nt * 8 + acc_col(e)];
+    WarpGemm<T, NT_C>::run(part, A + warp * 16, 1, LDP, B + c0, LD, 1, BM);
+#pragma unroll
+    for (int nt = 0; nt < NT_C; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[(warp * 16 + acc_row(e)) * D + c0 + nt * 8 + acc_col(e)] = part[nt][e];
+  }
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(BwdLayout<T, D>::THREADS, 1)
 attn_bwd_kernel(const AttnBwdParams p) {
@@ -69,6 +91,7 @@ attn_bwd_kernel(const AttnBwdParams p) {
   const int n_rows = min(BN, n.S - n0);
   const int warp = threadIdx.x >> 5;
   const int E16 = round_up(n.E, 16), Ev16 = round_up(n.Ev, 16);
+  const ScoreUnits units{p.natural};
 
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
@@ -115,13 +138,21 @@ attn_bwd_kernel(const AttnBwdParams p) {
       WarpGemm<T, NT_S>::run(s, sQ + warp * 16 * LD, LD, 1, sK, 1, LD, E16);     // Q K^T
       WarpGemm<T, NT_S>::run(dp, sdO + warp * 16 * LD, LD, 1, sV, 1, LD, Ev16);  // dO V^T
 
-      float lse2[2], delta[2];
+      // P = weight(t, ref) * inv_l: ref is the lse in score units and inv_l = 1, or the row's max and 1 / sum.
+      float ref[2], inv_l[2], delta[2];
       int row_i[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         row_i[r] = m0 + warp * 16 + acc_row(2 * r);
         const bool valid = row_i[r] < n.L;
-        lse2[r] = valid ? lse_head[row_i[r] * p.lse_stride[2]] * kLog2e : -INFINITY;
+        if (p.row_ref != nullptr) {
+          ref[r] = valid ? p.row_ref[row_base + row_i[r]] : -INFINITY;
+          inv_l[r] = valid ? p.row_inv_l[row_base + row_i[r]] : 0.f;
+        } else {
+          const float lse = valid ? lse_head[row_i[r] * p.lse_stride[2]] : -INFINITY;
+          ref[r] = lse == -INFINITY ? -INFINITY : units.from_lse(lse);
+          inv_l[r] = 1.f;
+        }
         delta[r] = valid ? p.delta[row_base + row_i[r]] : 0.f;
       }
 #pragma unroll
@@ -132,13 +163,12 @@ attn_bwd_kernel(const AttnBwdParams p) {
           const int i = row_i[r];
           const int j = n0 + nt * 8 + acc_col(e);
           const bool visible = i < n.L && j < n.S && (!p.causal || j <= i);
-          float t = s[nt][e] * p.scale_log2;
+          float t = s[nt][e] * p.score_scale;
           if (visible && p.mask_kind != MASK_NONE) {
-            t = apply_mask_log2(t, mask_value(p.mask, p.mask_kind, mask_head + i * p.mask_stride[2] +
-                                                                      j * p.mask_stride[3]));
+            t = apply_mask(t, mask_value(p.mask, p.mask_kind, mask_head + i * p.mask_stride[2] + j * p.mask_stride[3]));
           }
-          // lse = -inf marks a row with nothing visible: P = 0 there (exp2(-inf + inf) would be NaN).
-          const float pe = (visible && lse2[r] != -INFINITY) ? exp2f(t - lse2[r]) : 0.f;
+          // ref = -inf marks a row with nothing visible: P = 0 there (exp2(-inf + inf) would be NaN).
+          const float pe = (visible && ref[r] != -INFINITY) ? units.weight(t, ref[r]) * inv_l[r] : 0.f;
           bool keep = true;
           if (p.dropout_p > 0.f && visible) {
             keep = dropout_keep(seed, offset, static_cast<uint64_t>((row_base + i) * n.S + j), p.dropout_p);
@@ -154,31 +184,9 @@ attn_bwd_kernel(const AttnBwdParams p) {
       }
       __syncthreads();  // P and dS tiles complete: the products below read other warps' rows
 
-      // Warp w owns keys n0 + 16 w .. + 16 for dV and dK: A(jr, i) = sP[i][jr] (transposed read).
-      for (int c0 = 0; c0 < Ev16 && c0 < D; c0 += CH) {
-        float acc[NT_C][4];
-#pragma unroll
-        for (int nt = 0; nt < NT_C; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc[nt][e] = acc_dv[(warp * 16 + acc_row(e)) * D + c0 + nt * 8 + acc_col(e)];
-        WarpGemm<T, NT_C>::run(acc, sP + warp * 16, 1, LDP, sdO + c0, LD, 1, BM);
-#pragma unroll
-        for (int nt = 0; nt < NT_C; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc_dv[(warp * 16 + acc_row(e)) * D + c0 + nt * 8 + acc_col(e)] = acc[nt][e];
-      }
-      for (int c0 = 0; c0 < E16 && c0 < D; c0 += CH) {
-        float acc[NT_C][4];
-#pragma unroll
-        for (int nt = 0; nt < NT_C; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc[nt][e] = acc_dk[(warp * 16 + acc_row(e)) * D + c0 + nt * 8 + acc_col(e)];
-        WarpGemm<T, NT_C>::run(acc, sdS + warp * 16, 1, LDP, sQ + c0, LD, 1, BM);
-#pragma unroll
-        for (int nt = 0; nt < NT_C; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc_dk[(warp * 16 + acc_row(e)) * D + c0 + nt * 8 + acc_col(e)] = acc[nt][e];
-      }
+      // Warp w owns keys n0 + 16 w .. + 16 for dV and dK.
+      accumulate_key_grad<T, D, BM, LD, LDP>(acc_dv, sP, sdO, Ev16);
+      accumulate_key_grad<T, D, BM, LD, LDP>(acc_dk, sdS, sQ, E16);
       // Warp w owns query rows m0 + 16 w .. + 16 for dQ: A(i, j) = sdS[i][j], B(j, d) = sK[j][d].
       for (int c0 = 0; c0 < E16 && c0 < D; c0 += CH) {
         float acc[NT_C][4];
@@ -250,23 +258,11 @@ static cudaError_t launch_bwd(const AttnBwdParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <typename T>
-static cudaError_t launch_bwd_bucket(const AttnBwdParams& p, cudaStream_t stream) {
-  switch (attn_bucket(p.n.E, p.n.Ev)) {
-    case 64: return launch_bwd<T, 64>(p, stream);
-    case 128: return launch_bwd<T, 128>(p, stream);
-    case 256: return launch_bwd<T, 256>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
 cudaError_t launch_attn_bwd(const AttnBwdParams& p, int dtype, cudaStream_t stream) {
-  switch (dtype) {
-    case DT_F16: return launch_bwd_bucket<__half>(p, stream);
-    case DT_BF16: return launch_bwd_bucket<__nv_bfloat16>(p, stream);
-    case DT_F32: return launch_bwd_bucket<float>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return with_dtype(dtype, cudaErrorInvalidValue, [&](auto t) {
+    return with_bucket(p.n.E, p.n.Ev, cudaErrorInvalidValue,
+                       [&](auto d) { return launch_bwd<decltype(t), decltype(d)::value>(p, stream); });
+  });
 }
 
 template <typename T>
@@ -279,12 +275,7 @@ static cudaError_t launch_delta(const AttnDeltaParams& p, cudaStream_t stream) {
 }
 
 cudaError_t launch_attn_bwd_delta(const AttnDeltaParams& p, int dtype, cudaStream_t stream) {
-  switch (dtype) {
-    case DT_F16: return launch_delta<__half>(p, stream);
-    case DT_BF16: return launch_delta<__nv_bfloat16>(p, stream);
-    case DT_F32: return launch_delta<float>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return with_dtype(dtype, cudaErrorInvalidValue, [&](auto t) { return launch_delta<decltype(t)>(p, stream); });
 }
 
 template <typename T, int D>
@@ -293,24 +284,10 @@ static AttnConfig bwd_config() {
   return AttnConfig{D, Lay::BM, Lay::BN, Lay::THREADS, Lay::SMEM};
 }
 
-template <typename T>
-static AttnConfig bwd_config_bucket(int bucket) {
-  switch (bucket) {
-    case 64: return bwd_config<T, 64>();
-    case 128: return bwd_config<T, 128>();
-    case 256: return bwd_config<T, 256>();
-    default: return AttnConfig{0, 0, 0, 0, 0};
-  }
-}
-
 AttnConfig attn_bwd_config(int dtype, int E, int Ev) {
-  const int bucket = attn_bucket(E, Ev);
-  switch (dtype) {
-    case DT_F16: return bwd_config_bucket<__half>(bucket);
-    case DT_BF16: return bwd_config_bucket<__nv_bfloat16>(bucket);
-    case DT_F32: return bwd_config_bucket<float>(bucket);
-    default: return AttnConfig{0, 0, 0, 0, 0};
-  }
+  return with_dtype(dtype, AttnConfig{}, [&](auto t) {
+    return with_bucket(E, Ev, AttnConfig{}, [&](auto d) { return bwd_config<decltype(t), decltype(d)::value>(); });
+  });
 }
 
 }  // namespace llmk

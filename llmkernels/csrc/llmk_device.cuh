@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -40,6 +41,29 @@ struct Num<__nv_bfloat16> {
   static __device__ __forceinline__ uint32_t bits(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
 };
 
+// Host-side dispatch, the one place that maps a DType code to its element type and head dims to their bucket, for
+// every launcher and config query: f(T()) for the element type T of `dtype`, f(std::integral_constant<int, D>())
+// for the bucket D of head dims (E, Ev); `otherwise` for an unknown code or head dims beyond 256.
+template <typename R, typename F>
+inline R with_dtype(int dtype, R otherwise, F&& f) {
+  switch (dtype) {
+    case DT_F16: return f(__half());
+    case DT_BF16: return f(__nv_bfloat16());
+    case DT_F32: return f(float());
+    default: return otherwise;
+  }
+}
+
+template <typename R, typename F>
+inline R with_bucket(int E, int Ev, R otherwise, F&& f) {
+  switch (attn_bucket(E, Ev)) {
+    case 64: return f(std::integral_constant<int, 64>());
+    case 128: return f(std::integral_constant<int, 128>());
+    case 256: return f(std::integral_constant<int, 256>());
+    default: return otherwise;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Masks: the additive value in natural units (bool false -> -inf). The kind is a runtime switch so that masks of
 // every dtype share one kernel instance (no template explosion, the switch is uniform across a warp).
@@ -61,11 +85,32 @@ __device__ __forceinline__ float mask_value(const void* mask, int kind, int64_t 
   }
 }
 
-// Adds a mask value (natural units) to a base-2 score. A -inf mask hides the position whatever the score is, so a
-// NaN score at a masked position does not spread over the row.
-__device__ __forceinline__ float apply_mask_log2(float t, float mv) {
-  return mv == -INFINITY ? -INFINITY : t + mv * kLog2e;
-}
+// Adds a mask value to a score in the kernel's units (ScoreUnits). A -inf mask hides the position whatever the score
+// is, so a NaN score at a masked position does not spread over the row.
+__device__ __forceinline__ float apply_mask(float t, float mv) { return mv == -INFINITY ? -INFINITY : t + mv; }
+
+// The units of the scores inside the kernels. Without a float mask they are in base 2 (log2(e) folded into the
+// scale, one exp2 per weight). A float mask is added in natural units as the contract says: scaling it by log2(e)
+// instead overflows to -inf below about -2.36e38, and transformers' masks at finfo(dtype).min would then hide a row
+// that PyTorch averages. With a float mask the scores s = scale * q.k + mask and the running max m stay natural and
+// only their difference is scaled, exp2((s - m) * log2(e)); the lse is natural in both. A bool mask is 0 or -inf,
+// the same in either unit.
+struct ScoreUnits {
+  bool natural;
+  // The softmax weight of score t against the reference m (a running max, or the lse in the backward).
+  __device__ __forceinline__ float weight(float t, float m) const { return exp2f(natural ? (t - m) * kLog2e : t - m); }
+  // The natural-log lse of a row with max m and sum l (of weight(t, m)).
+  __device__ __forceinline__ float lse(float m, float l) const {
+    return natural ? m + log2f(l) * kLn2 : (m + log2f(l)) * kLn2;
+  }
+  // A natural-log lse in these units.
+  __device__ __forceinline__ float from_lse(float lse) const { return natural ? lse : lse * kLog2e; }
+};
+
+// Beyond this |lse| a float32 lse no longer holds log(l) (the row sum) to 1e-3 (its ulp is 2^-12 at 2^11), so the
+// attention backward with a float mask takes such rows' max and sum from a statistics pass of the forward kernel
+// instead (a row whose every key carries finfo(float32).min has lse == its max: l is lost entirely).
+constexpr float kCoarseLse = 2048.f;
 
 // ---------------------------------------------------------------------------------------------------------------
 // Dropout: Philox4x32-10 (Salmon et al., SC'11), one call per element of the (B,H,L,S) score tensor, counter =
@@ -98,17 +143,22 @@ __device__ __forceinline__ bool dropout_keep(uint64_t seed, uint64_t offset, uin
 // ---------------------------------------------------------------------------------------------------------------
 // Reductions
 
-__device__ __forceinline__ float warp_max(float v) {
+struct MaxOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+struct SumOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+
+template <typename Op>
+__device__ __forceinline__ float warp_reduce(float v, Op op) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
+__device__ __forceinline__ float warp_max(float v) { return warp_reduce(v, MaxOp()); }
+__device__ __forceinline__ float warp_sum(float v) { return warp_reduce(v, SumOp()); }
 
 // Max / sum over the 4 threads that share an mma accumulator row (lanes 4g .. 4g+3).
 __device__ __forceinline__ float quad_max(float v) {
@@ -122,32 +172,26 @@ __device__ __forceinline__ float quad_sum(float v) {
 }
 
 // Block-wide reductions for NTHREADS threads (a multiple of 32). `red` is NTHREADS/32 floats of shared memory;
-// the leading barrier makes it safe to call these back to back.
-template <int NTHREADS>
-__device__ __forceinline__ float block_max(float v, float* red) {
+// the leading barrier makes it safe to call these back to back. Every thread combines the warps' results in the
+// same order, so all get the same value.
+template <int NTHREADS, typename Op>
+__device__ __forceinline__ float block_reduce(float v, float* red, Op op) {
   constexpr int NW = NTHREADS / 32;
-  v = warp_max(v);
+  v = warp_reduce(v, op);
   __syncthreads();
   if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
   __syncthreads();
   float r = red[0];
 #pragma unroll
-  for (int w = 1; w < NW; ++w) r = fmaxf(r, red[w]);
+  for (int w = 1; w < NW; ++w) r = op(r, red[w]);
   return r;
 }
 
 template <int NTHREADS>
-__device__ __forceinline__ float block_sum(float v, float* red) {
-  constexpr int NW = NTHREADS / 32;
-  v = warp_sum(v);
-  __syncthreads();
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
-  __syncthreads();
-  float r = 0.f;
-#pragma unroll
-  for (int w = 0; w < NW; ++w) r += red[w];  // the same order in every thread: all get the same sum
-  return r;
-}
+__device__ __forceinline__ float block_max(float v, float* red) { return block_reduce<NTHREADS>(v, red, MaxOp()); }
+
+template <int NTHREADS>
+__device__ __forceinline__ float block_sum(float v, float* red) { return block_reduce<NTHREADS>(v, red, SumOp()); }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Tiles between global and shared memory. A tile is ROWS x COLS elements with leading dimension `ld` in shared

@@ -88,6 +88,20 @@ bool vec_ok(const Tensor& t) {
 // Tensors with a last dim of size <= 1 may carry any stride there; the kernels multiply by it, so give them 1.
 int64_t last_stride(const Tensor& t) { return t.size(-1) <= 1 ? 1 : t.stride(-1); }
 
+// The strides of a 4-D input the kernels index along its last dim.
+void input_strides(int64_t (&dst)[4], const Tensor& t) {
+  copy_strides(dst, t);
+  dst[3] = last_stride(t);
+}
+
+// The kernels' score units (ScoreUnits in llmk_device.cuh): natural with a float mask, so that it is really added;
+// base 2 otherwise. Sets p.natural and p.score_scale.
+template <typename P>
+void set_score_units(P& p, int kind, double scale) {
+  p.natural = kind != llmk::MASK_NONE && kind != llmk::MASK_BOOL;
+  p.score_scale = static_cast<float>(p.natural ? scale : scale * kLog2e);
+}
+
 void check_device_and_smem(const Tensor& ref, int smem_bytes, const char* what) {
   int dev = ref.get_device();
   int major = 0, optin = 0;
@@ -154,6 +168,31 @@ AttnInputs check_attention_inputs(const Tensor& q, const Tensor& k, const Tensor
   return AttnInputs{n, dtype, kind};
 }
 
+// The fields that the forward and backward parameters share: inputs, mask, causal, score units, dropout.
+template <typename P>
+void set_attention_inputs(P& p, const AttnInputs& in, const Tensor& q, const Tensor& k, const Tensor& v,
+                          const optional<Tensor>& mask, double dropout_p, bool is_causal, double scale,
+                          const optional<Tensor>& rng_state) {
+  p.n = in.n;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.mask = mask.has_value() ? mask->data_ptr() : nullptr;
+  input_strides(p.q_stride, q);
+  input_strides(p.k_stride, k);
+  input_strides(p.v_stride, v);
+  if (mask.has_value()) copy_strides(p.mask_stride, *mask);
+  p.q_vec = vec_ok(q);
+  p.k_vec = vec_ok(k);
+  p.v_vec = vec_ok(v);
+  p.mask_kind = in.mask_kind;
+  p.causal = is_causal;
+  set_score_units(p, in.mask_kind, scale);
+  p.dropout_p = static_cast<float>(dropout_p);
+  p.keep_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
+  p.rng = dropout_p > 0.0 ? rng_state->data_ptr<int64_t>() : nullptr;
+}
+
 void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const optional<Tensor>& mask,
                        double dropout_p, bool is_causal, double scale, const optional<Tensor>& rng_state,
                        const Tensor& out, const Tensor& lse) {
@@ -167,30 +206,10 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const 
   check_device_and_smem(q, cfg.smem_bytes, "attention_forward");
 
   llmk::AttnFwdParams p{};
-  p.n = n;
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.mask = mask.has_value() ? mask->data_ptr() : nullptr;
+  set_attention_inputs(p, in, q, k, v, mask, dropout_p, is_causal, scale, rng_state);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  copy_strides(p.q_stride, q);
-  copy_strides(p.k_stride, k);
-  copy_strides(p.v_stride, v);
-  p.q_stride[3] = last_stride(q);
-  p.k_stride[3] = last_stride(k);
-  p.v_stride[3] = last_stride(v);
-  if (mask.has_value()) copy_strides(p.mask_stride, *mask);
-  p.q_vec = vec_ok(q);
-  p.k_vec = vec_ok(k);
-  p.v_vec = vec_ok(v);
   p.out_vec = vec_ok(out);
-  p.mask_kind = in.mask_kind;
-  p.causal = is_causal;
-  p.scale_log2 = static_cast<float>(scale * kLog2e);
-  p.dropout_p = static_cast<float>(dropout_p);
-  p.keep_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
-  p.rng = dropout_p > 0.0 ? rng_state->data_ptr<int64_t>() : nullptr;
   C10_CUDA_CHECK(llmk::launch_attn_fwd(p, in.dtype, c10::cuda::getCurrentCUDAStream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -253,12 +272,26 @@ void attention_backward(const Tensor& grad_out, const Tensor& q, const Tensor& k
   C10_CUDA_CHECK(llmk::launch_attn_bwd_delta(dp, in.dtype, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
+  // With a float mask, rows whose lse is too coarse to hold their sum (kCoarseLse) get their max and 1 / sum from
+  // the forward kernel's statistics mode (the same m and l the forward computed; no output, no dropout: l counts
+  // every weight). Tiles without such a row only copy the lse, so the pass costs little where it is not needed.
+  Tensor row_ref, row_inv_l;
+  if (in.mask_kind != llmk::MASK_NONE && in.mask_kind != llmk::MASK_BOOL) {
+    row_ref = at::empty({n.B, n.Hq, n.L}, q.options().dtype(at::kFloat));
+    row_inv_l = at::empty({n.B, n.Hq, n.L}, q.options().dtype(at::kFloat));
+    const Tensor lse_c = lse.contiguous();
+    llmk::AttnFwdParams sp{};
+    set_attention_inputs(sp, in, q, k, v, mask, 0.0, is_causal, scale, rng_state);
+    sp.stats_lse = lse_c.data_ptr<float>();
+    sp.stats_ref = row_ref.data_ptr<float>();
+    sp.stats_inv_l = row_inv_l.data_ptr<float>();
+    check_device_and_smem(q, llmk::attn_fwd_config(in.dtype, n.E, n.Ev).smem_bytes, "attention_backward");
+    C10_CUDA_CHECK(llmk::launch_attn_fwd(sp, in.dtype, stream));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
   llmk::AttnBwdParams p{};
-  p.n = n;
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.mask = mask.has_value() ? mask->data_ptr() : nullptr;
+  set_attention_inputs(p, in, q, k, v, mask, dropout_p, is_causal, scale, rng_state);
   p.dout = grad_out.data_ptr();
   p.lse = lse.data_ptr<float>();
   p.delta = delta.data_ptr<float>();
@@ -266,27 +299,12 @@ void attention_backward(const Tensor& grad_out, const Tensor& q, const Tensor& k
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
   p.dmask = dmask.has_value() ? dmask->data_ptr<float>() : nullptr;
-  copy_strides(p.q_stride, q);
-  copy_strides(p.k_stride, k);
-  copy_strides(p.v_stride, v);
-  copy_strides(p.dout_stride, grad_out);
-  p.q_stride[3] = last_stride(q);
-  p.k_stride[3] = last_stride(k);
-  p.v_stride[3] = last_stride(v);
-  p.dout_stride[3] = last_stride(grad_out);
+  p.row_ref = row_ref.defined() ? row_ref.data_ptr<float>() : nullptr;
+  p.row_inv_l = row_inv_l.defined() ? row_inv_l.data_ptr<float>() : nullptr;
+  input_strides(p.dout_stride, grad_out);
   copy_strides(p.lse_stride, lse);
-  if (mask.has_value()) copy_strides(p.mask_stride, *mask);
-  p.q_vec = vec_ok(q);
-  p.k_vec = vec_ok(k);
-  p.v_vec = vec_ok(v);
   p.dout_vec = vec_ok(grad_out);
-  p.mask_kind = in.mask_kind;
-  p.causal = is_causal;
   p.scale = static_cast<float>(scale);
-  p.scale_log2 = static_cast<float>(scale * kLog2e);
-  p.dropout_p = static_cast<float>(dropout_p);
-  p.keep_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
-  p.rng = dropout_p > 0.0 ? rng_state->data_ptr<int64_t>() : nullptr;
   C10_CUDA_CHECK(llmk::launch_attn_bwd(p, in.dtype, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   dq.copy_(dq_acc);  // fp32 -> q's dtype
@@ -306,6 +324,15 @@ void dropout_keep_mask(const Tensor& rng_state, double dropout_p, const Tensor& 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The (A, B, M, N) shape of a softmax launch.
+template <typename P>
+void set_rows(P& p, const Tensor& t) {
+  p.A = t.size(0);
+  p.B = t.size(1);
+  p.M = t.size(2);
+  p.N = t.size(3);
+}
+
 void masked_softmax_forward(const Tensor& x, const optional<Tensor>& mask, double scale, bool is_causal,
                             const Tensor& y) {
   check_cuda(x, "x", x);
@@ -320,21 +347,17 @@ void masked_softmax_forward(const Tensor& x, const optional<Tensor>& mask, doubl
   if (x.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   llmk::SoftmaxFwdParams p{};
-  p.A = x.size(0);
-  p.B = x.size(1);
-  p.M = x.size(2);
-  p.N = x.size(3);
+  set_rows(p, x);
   p.x = x.data_ptr();
   p.mask = mask.has_value() ? mask->data_ptr() : nullptr;
   p.y = y.data_ptr();
-  copy_strides(p.x_stride, x);
-  p.x_stride[3] = last_stride(x);
+  input_strides(p.x_stride, x);
   if (mask.has_value()) copy_strides(p.mask_stride, *mask);
   p.x_vec = vec_ok(x);
   p.y_vec = vec_ok(y);
   p.mask_kind = kind;
   p.causal = is_causal;
-  p.scale_log2 = static_cast<float>(scale * kLog2e);
+  set_score_units(p, kind, scale);
   C10_CUDA_CHECK(llmk::launch_softmax_fwd(p, dtype, c10::cuda::getCurrentCUDAStream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -351,17 +374,12 @@ void masked_softmax_backward(const Tensor& grad_y, const Tensor& y, double scale
   if (y.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(y.device());
   llmk::SoftmaxBwdParams p{};
-  p.A = y.size(0);
-  p.B = y.size(1);
-  p.M = y.size(2);
-  p.N = y.size(3);
+  set_rows(p, y);
   p.dy = grad_y.data_ptr();
   p.y = y.data_ptr();
   p.dx = dx.data_ptr();
-  copy_strides(p.dy_stride, grad_y);
-  copy_strides(p.y_stride, y);
-  p.dy_stride[3] = last_stride(grad_y);
-  p.y_stride[3] = last_stride(y);
+  input_strides(p.dy_stride, grad_y);
+  input_strides(p.y_stride, y);
   p.dy_vec = vec_ok(grad_y);
   p.y_vec = vec_ok(y);
   p.dx_vec = vec_ok(dx);

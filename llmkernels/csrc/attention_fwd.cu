@@ -1,6 +1,6 @@
 // Attention forward, FlashAttention-2 structure (Dao 2023): one block per (batch, query head, BM query rows);
 // the Q tile stays in shared memory while K/V tiles of BN keys stream through it; each warp owns 16 query rows
-// and keeps their online-softmax state (running max m, running sum l, in base 2) and output accumulator in fp32
+// and keeps their online-softmax state (running max m, running sum l, in ScoreUnits) and output accumulator in fp32
 // registers. S = Q K^T and O += P V are warp tile products (tensor cores for fp16/bf16, see WarpGemm).
 //
 // Head dims are handled by three buckets (64, 128, 256) per dtype, with the padding columns zero-filled, so the
@@ -75,6 +75,23 @@ attn_fwd_kernel(const AttnFwdParams p) {
   const T* v_head = v + b * p.v_stride[0] + hk * p.v_stride[1];
   const int64_t mask_head = b * p.mask_stride[0] + h * p.mask_stride[1];
   const int64_t row_base = (static_cast<int64_t>(b) * n.Hq + h) * n.L;  // index of row 0 of this (b, h)
+  const ScoreUnits units{p.natural};
+  const bool stats = p.stats_ref != nullptr;
+
+  if (stats) {
+    // Only tiles with a coarse lse need the pass; the others hand the lse on (the block's result is uniform, so the
+    // whole block returns together). THREADS = 2 BM: one thread per row suffices.
+    const int i = m0 + static_cast<int>(threadIdx.x);
+    const bool mine = static_cast<int>(threadIdx.x) < BM && i < n.L;
+    const float lse = mine ? p.stats_lse[row_base + i] : 0.f;
+    if (!__syncthreads_or(mine && fabsf(lse) >= kCoarseLse && fabsf(lse) < INFINITY)) {
+      if (mine) {
+        p.stats_ref[row_base + i] = lse == -INFINITY ? -INFINITY : units.from_lse(lse);
+        p.stats_inv_l[row_base + i] = 1.f;
+      }
+      return;
+    }
+  }
 
   load_tile<T, BM, D, THREADS>(sQ, LD, q_tile, p.q_stride[2], p.q_stride[3], min(BM, n.L - m0), n.E, p.q_vec);
 
@@ -115,7 +132,7 @@ attn_fwd_kernel(const AttnFwdParams p) {
       for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
     WarpGemm<T, NT_S>::run(s, sQ + warp * 16 * LD, LD, 1, sK, 1, LD, E16);
 
-    // Scores in base 2 with every mask applied; out-of-range and masked positions become -inf.
+    // Scores in ScoreUnits with every mask applied; out-of-range and masked positions become -inf.
     float tile_max[2] = {m_run[0], m_run[1]};
 #pragma unroll
     for (int nt = 0; nt < NT_S; ++nt) {
@@ -123,11 +140,10 @@ attn_fwd_kernel(const AttnFwdParams p) {
       for (int e = 0; e < 4; ++e) {
         const int i = row_i[e >> 1];
         const int j = n0 + nt * 8 + acc_col(e);
-        float t = s[nt][e] * p.scale_log2;
+        float t = s[nt][e] * p.score_scale;
         const bool visible = i < n.L && j < n.S && (!p.causal || j <= i);
         if (visible && p.mask_kind != MASK_NONE) {
-          t = apply_mask_log2(t, mask_value(p.mask, p.mask_kind, mask_head + i * p.mask_stride[2] +
-                                                                    j * p.mask_stride[3]));
+          t = apply_mask(t, mask_value(p.mask, p.mask_kind, mask_head + i * p.mask_stride[2] + j * p.mask_stride[3]));
         }
         s[nt][e] = visible ? t : -INFINITY;
         tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[nt][e]);
@@ -141,7 +157,7 @@ attn_fwd_kernel(const AttnFwdParams p) {
     for (int r = 0; r < 2; ++r) {
       tile_max[r] = quad_max(tile_max[r]);
       m_use[r] = tile_max[r] == -INFINITY ? 0.f : tile_max[r];
-      alpha[r] = exp2f(m_run[r] - m_use[r]);
+      alpha[r] = units.weight(m_run[r], m_use[r]);
     }
     T* p_row = sP + (warp * 16) * LDP;
 #pragma unroll
@@ -149,7 +165,7 @@ attn_fwd_kernel(const AttnFwdParams p) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1;
-        const float pe = exp2f(s[nt][e] - m_use[r]);
+        const float pe = units.weight(s[nt][e], m_use[r]);
         row_sum[r] += pe;  // l counts every weight: dropout acts on the normalised weights
         float pd = pe;
         if (p.dropout_p > 0.f) {
@@ -173,8 +189,21 @@ attn_fwd_kernel(const AttnFwdParams p) {
       for (int e = 0; e < 4; ++e) o[nt][e] *= alpha[e >> 1];
     __syncwarp();  // the warp's P rows are written (each warp reads only its own rows of sP)
 
-    // O += P V: A(r, j) = sP[r][j], B(j, d) = sV[j][d].
-    WarpGemm<T, NT_O>::run(o, p_row, LDP, 1, sV, LD, 1, BN);
+    // O += P V: A(r, j) = sP[r][j], B(j, d) = sV[j][d]. The statistics mode needs only m and l.
+    if (!stats) WarpGemm<T, NT_O>::run(o, p_row, LDP, 1, sV, LD, 1, BN);
+  }
+
+  if (stats) {
+    // The same m and l as the forward computed (the same code on the same tiles), in score units.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if ((threadIdx.x & 3) == 0 && row_i[r] < n.L) {
+        const bool empty = m_run[r] == -INFINITY;
+        p.stats_ref[row_base + row_i[r]] = m_run[r];
+        p.stats_inv_l[row_base + row_i[r]] = empty ? 0.f : 1.f / l_run[r];
+      }
+    }
+    return;
   }
 
   // Normalise; rows with no visible key (m = -inf) give 0 and lse = -inf. A NaN score leaves m finite and l NaN,
@@ -186,7 +215,7 @@ attn_fwd_kernel(const AttnFwdParams p) {
     empty[r] = m_run[r] == -INFINITY;
     inv[r] = empty[r] ? 0.f : p.keep_scale / l_run[r];
     if ((threadIdx.x & 3) == 0 && row_i[r] < n.L) {
-      p.lse[row_base + row_i[r]] = empty[r] ? -INFINITY : (m_run[r] + log2f(l_run[r])) * kLn2;
+      p.lse[row_base + row_i[r]] = empty[r] ? -INFINITY : units.lse(m_run[r], l_run[r]);
     }
   }
 
@@ -219,23 +248,11 @@ static cudaError_t launch_fwd(const AttnFwdParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <typename T>
-static cudaError_t launch_fwd_bucket(const AttnFwdParams& p, cudaStream_t stream) {
-  switch (attn_bucket(p.n.E, p.n.Ev)) {
-    case 64: return launch_fwd<T, 64>(p, stream);
-    case 128: return launch_fwd<T, 128>(p, stream);
-    case 256: return launch_fwd<T, 256>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
 cudaError_t launch_attn_fwd(const AttnFwdParams& p, int dtype, cudaStream_t stream) {
-  switch (dtype) {
-    case DT_F16: return launch_fwd_bucket<__half>(p, stream);
-    case DT_BF16: return launch_fwd_bucket<__nv_bfloat16>(p, stream);
-    case DT_F32: return launch_fwd_bucket<float>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return with_dtype(dtype, cudaErrorInvalidValue, [&](auto t) {
+    return with_bucket(p.n.E, p.n.Ev, cudaErrorInvalidValue,
+                       [&](auto d) { return launch_fwd<decltype(t), decltype(d)::value>(p, stream); });
+  });
 }
 
 template <typename T, int D>
@@ -244,24 +261,10 @@ static AttnConfig fwd_config() {
   return AttnConfig{D, Lay::BM, Lay::BN, Lay::THREADS, Lay::SMEM};
 }
 
-template <typename T>
-static AttnConfig fwd_config_bucket(int bucket) {
-  switch (bucket) {
-    case 64: return fwd_config<T, 64>();
-    case 128: return fwd_config<T, 128>();
-    case 256: return fwd_config<T, 256>();
-    default: return AttnConfig{0, 0, 0, 0, 0};
-  }
-}
-
 AttnConfig attn_fwd_config(int dtype, int E, int Ev) {
-  const int bucket = attn_bucket(E, Ev);
-  switch (dtype) {
-    case DT_F16: return fwd_config_bucket<__half>(bucket);
-    case DT_BF16: return fwd_config_bucket<__nv_bfloat16>(bucket);
-    case DT_F32: return fwd_config_bucket<float>(bucket);
-    default: return AttnConfig{0, 0, 0, 0, 0};
-  }
+  return with_dtype(dtype, AttnConfig{}, [&](auto t) {
+    return with_bucket(E, Ev, AttnConfig{}, [&](auto d) { return fwd_config<decltype(t), decltype(d)::value>(); });
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------------------
