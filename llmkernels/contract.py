@@ -4,7 +4,8 @@ Validation lives here, once, and runs before any backend is chosen or any kernel
 the argument and says what was wrong. After validation the public arguments are brought into one canonical
 form so that each backend implements a single, small interface:
 
-attention  q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), mask None or (B, Hq, L, S)
+attention  q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), mask None or (B, Hq, L, S), and a ScoreRule
+           (window, alignment, softcap, ALiBi slopes (B, Hq), sinks (Hq,)) in the folded form described there
 softmax    x (A, B, M, N) with the softmax over N, mask None or (A, B, M, N)
 
 Tensors in canonical form are views of the user's tensors whenever that is possible: any strides, and every
@@ -19,10 +20,11 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+from torch.nn.attention.bias import CausalBias, CausalVariant
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REFERENCE_DTYPES = SUPPORTED_DTYPES + (torch.float64,)
@@ -133,6 +135,143 @@ def _merge_leading(t: torch.Tensor, lead_shape: tuple, keep: int) -> torch.Tenso
     return t.reshape(math.prod(lead_shape), *t.shape[-keep:])
 
 
+ALIGNMENTS = ("top_left", "bottom_right")
+
+
+@dataclass(frozen=True, eq=False)
+class ScoreRule:
+    """The attention variants in canonical form: what every backend applies to the score of query i, key j.
+
+    In this order, with d = S - L when ``bottom_right`` else 0: s = scale * q_i . k_j; softcap c > 0:
+    s = c * tanh(s / c); ALiBi: s -= slope[b, h] * |i + d - j|; a float mask is added; a bool mask, causal
+    (j <= i + d, from AttentionArgs.is_causal) and the window (i + d - window_left <= j <= i + d + window_right,
+    -1 = unbounded side) hide keys; softmax over the visible keys with exp(sinks[h]) added to the denominator.
+
+    Causal folding (check_attention): a window right side of 0 is causality, so it arrives as is_causal=True with
+    window_right=-1 and kernels have one causal path; hence ``window_right`` is -1 or >= 1, and >= 1 only without
+    is_causal. A window side that reaches past every key is -1, and ``bottom_right`` is False wherever d is 0 or
+    nothing uses it (no causal, no window, no ALiBi), so equivalent calls share one canonical form.
+    ``alibi_slopes``: (B, Hq) float32 view (float64 only on the reference with float64 inputs), stride 0 where
+    the user's slopes broadcast, never requiring grad. ``sinks``: (Hq,), float32 or the inputs' dtype, may
+    require grad (ops.py computes its gradient; backends use it in the forward only).
+    eq=False: the fields hold tensors, which do not compare as booleans.
+    """
+
+    window_left: int = -1
+    window_right: int = -1
+    bottom_right: bool = False
+    softcap: float = 0.0
+    alibi_slopes: Optional[torch.Tensor] = None
+    sinks: Optional[torch.Tensor] = None
+
+    @property
+    def active(self) -> bool:
+        """True when any variant is in use (a backend without variant support must decline the call)."""
+        return (self.window_left != -1 or self.window_right != -1 or self.bottom_right or self.softcap != 0.0
+                or self.alibi_slopes is not None or self.sinks is not None)
+
+
+def _check_window_size(window_size) -> tuple:
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise TypeError(f"window_size must be a tuple or list of two ints (left, right), got {window_size!r}")
+    sides = []
+    for side, w in zip(("left", "right"), window_size):
+        # bool is an int subclass; window_size=(True, 0) is a slip, not a window of one key.
+        if isinstance(w, bool) or not isinstance(w, numbers.Integral):
+            raise TypeError(f"window_size must be a tuple or list of two ints (left, right); its {side} side is "
+                            f"{type(w).__name__} {w!r}")
+        if w < -1:
+            raise ValueError(f"window_size {side} side must be >= -1 (-1 = unbounded), got {int(w)}")
+        sides.append(int(w))
+    return tuple(sides)
+
+
+def _check_softcap(softcap) -> float:
+    softcap = _real_scalar("softcap", softcap)
+    # Comparisons rather than math.isfinite, which torch.compile cannot trace on a symbolic float; NaN fails both.
+    if not 0.0 <= softcap < math.inf:
+        raise ValueError(f"softcap must be a finite number >= 0 (0 = off), got {softcap}")
+    return softcap
+
+
+def _check_rule_tensor(name: str, t, query: torch.Tensor, dtypes: tuple, dtype_desc: str) -> None:
+    _check_tensor(name, t)
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} has dtype {t.dtype}; it must be {dtype_desc}")
+    if t.device != query.device:
+        raise ValueError(f"{name} is on {t.device} but the inputs are on {query.device}")
+
+
+def _causal_bias_alignment(bias: CausalBias, L: int, S: int) -> str:
+    """The alignment a CausalBias mask stands for, after checking its sizes against the inputs'."""
+    if (bias.seq_len_q, bias.seq_len_kv) != (L, S):
+        raise ValueError(f"attn_mask is a CausalBias for seq_len_q={bias.seq_len_q}, seq_len_kv={bias.seq_len_kv} "
+                         f"but the inputs have L={L} queries and S={S} keys")
+    if bias.variant == CausalVariant.UPPER_LEFT:
+        return "top_left"
+    if bias.variant == CausalVariant.LOWER_RIGHT:
+        return "bottom_right"
+    raise ValueError(f"attn_mask is a CausalBias of unknown variant {bias.variant!r}")
+
+
+def _score_rule(query, window_size, causal_alignment, softcap, alibi_slopes, sinks, is_causal: bool,
+                bias_alignment: Optional[str], batch: tuple, lead: tuple, L: int, S: int,
+                dtypes: tuple) -> tuple:
+    """Validate the variant arguments; return (is_causal, ScoreRule) in the folded canonical form."""
+    left, right = _check_window_size(window_size)
+    if causal_alignment is not None and causal_alignment not in ALIGNMENTS:
+        raise ValueError(f"causal_alignment must be None, 'top_left' or 'bottom_right', got {causal_alignment!r}")
+    if bias_alignment is not None:
+        if is_causal:
+            raise ValueError("attn_mask is a CausalBias, which already makes the call causal: do not also pass "
+                             "is_causal=True (PyTorch refuses this too)")
+        if causal_alignment is not None and causal_alignment != bias_alignment:
+            raise ValueError(f"causal_alignment={causal_alignment!r} conflicts with the attn_mask CausalBias, "
+                             f"which is {bias_alignment!r}")
+        is_causal, causal_alignment = True, bias_alignment
+    if is_causal and right > 0:
+        what = "a CausalBias attn_mask" if bias_alignment is not None else "is_causal=True"
+        raise ValueError(f"window_size right side {right} > 0 contradicts {what}, which hides every key right of "
+                         f"the diagonal (use a right side of 0 or -1)")
+    softcap = _check_softcap(softcap)
+
+    H = batch[-1] if batch else 1
+    if alibi_slopes is not None:
+        f64 = (torch.float64,) if query.dtype == torch.float64 and torch.float64 in dtypes else ()
+        _check_rule_tensor("alibi_slopes", alibi_slopes, query, (torch.float32,) + f64,
+                           "float32" + (" or float64" if f64 else ""))
+        if alibi_slopes.requires_grad:
+            raise ValueError("alibi_slopes requires grad; llmkernels takes the ALiBi slopes as constants and "
+                             "computes no gradient for them (pass alibi_slopes.detach())")
+        try:
+            fits = alibi_slopes.dim() >= 1 and torch.broadcast_shapes(alibi_slopes.shape, batch) == batch
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"alibi_slopes of shape {tuple(alibi_slopes.shape)} must be (Hq,) = ({H},) or the "
+                             f"query's batch dims and heads {batch} (size-1 dims broadcast)")
+        alibi_slopes = _merge_leading(alibi_slopes.expand(batch), lead, 1)
+    if sinks is not None:
+        sink_dtypes = tuple(dict.fromkeys((torch.float32, query.dtype)))
+        _check_rule_tensor("sinks", sinks, query, sink_dtypes,
+                           " or ".join(str(d).replace("torch.", "") for d in sink_dtypes) + " (the inputs' dtype)")
+        if tuple(sinks.shape) != (H,):
+            raise ValueError(f"sinks of shape {tuple(sinks.shape)} must be (Hq,) = ({H},), one logit per head")
+
+    if not is_causal and right == 0:
+        is_causal, right = True, -1  # a window ending on the diagonal is causality: one causal path in kernels
+    if is_causal:
+        right = -1
+    d = S - L if causal_alignment == "bottom_right" else 0
+    # A side that reaches past every key for every query hides nothing: unbounded, the same canonical form.
+    if left >= L - 1 + d:
+        left = -1
+    if right >= S - 1 - d:
+        right = -1
+    bottom_right = d != 0 and (is_causal or left != -1 or right != -1 or alibi_slopes is not None)
+    return is_causal, ScoreRule(left, right, bottom_right, softcap, alibi_slopes, sinks)
+
+
 @dataclass
 class AttentionArgs:
     """Canonical attention arguments (see the module docstring)."""
@@ -145,6 +284,7 @@ class AttentionArgs:
     is_causal: bool
     scale: float
     out_shape: tuple  # the user's output shape (..., Hq, L, Ev)
+    rule: ScoreRule = field(default_factory=ScoreRule)
 
     @property
     def shape_desc(self) -> str:
@@ -153,10 +293,13 @@ class AttentionArgs:
 
 
 def check_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                    enable_gqa=False, dtypes=SUPPORTED_DTYPES) -> AttentionArgs:
+                    enable_gqa=False, dtypes=SUPPORTED_DTYPES, *, window_size=(-1, -1), causal_alignment=None,
+                    softcap=0.0, alibi_slopes=None, sinks=None) -> AttentionArgs:
     """Validate scaled_dot_product_attention's arguments and bring them into canonical form.
 
-    ``dtypes``: the accepted input dtypes (the reference also takes float64)."""
+    ``dtypes``: the accepted input dtypes (the reference also takes float64). A ``CausalBias`` attn_mask
+    becomes is_causal=True with its alignment and no mask (it is a tensor subclass whose storage is not a mask:
+    it must never be read as one)."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_tensor(name, t)
         _check_float_dtype(name, t, dtypes)
@@ -223,12 +366,19 @@ def check_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
 
     q, k, v = canon(query, H), canon(key, Hkv), canon(value, Hkv)
 
+    bias_alignment = None
+    if isinstance(attn_mask, CausalBias):
+        bias_alignment = _causal_bias_alignment(attn_mask, L, S)
+        attn_mask = None
+    is_causal, rule = _score_rule(query, window_size, causal_alignment, softcap, alibi_slopes, sinks, is_causal,
+                                  bias_alignment, batch, lead, L, S, dtypes)
+
     mask = None
     if attn_mask is not None:
         # The mask broadcasts to the attention weights of the broadcast batch (stride 0 where it is broadcast).
         _check_mask("attn_mask", attn_mask, query, (*batch, L, S), "(..., Hq, L, S) =")
         mask = _merge_leading(attn_mask.expand(*lead, H, L, S), lead, 3)
-    return AttentionArgs(q, k, v, mask, float(dropout_p), is_causal, scale, out_shape)
+    return AttentionArgs(q, k, v, mask, float(dropout_p), is_causal, scale, out_shape, rule)
 
 
 @dataclass

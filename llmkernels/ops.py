@@ -24,15 +24,26 @@ from . import contract, dispatch
 # attention
 
 
+def _rule(window_left: int, window_right: int, bottom_right: bool, softcap: float, alibi_slopes: Optional[Tensor],
+          sinks: Optional[Tensor]) -> contract.ScoreRule:
+    return contract.ScoreRule(window_left, window_right, bottom_right, softcap, alibi_slopes, sinks)
+
+
 @torch.library.custom_op("llmkernels::sdpa_forward", mutates_args=())
 def sdpa_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool,
-                 scale: float, rng_state: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
+                 scale: float, rng_state: Optional[Tensor], window_left: int, window_right: int, bottom_right: bool,
+                 softcap: float, alibi_slopes: Optional[Tensor], sinks: Optional[Tensor],
+                 backend: str) -> tuple[Tensor, Tensor]:
+    """The score rule's fields (contract.ScoreRule) travel as plain arguments so that the schema, fake tensors and
+    torch.compile see them; the backend receives them again as one ScoreRule."""
+    rule = _rule(window_left, window_right, bottom_right, softcap, alibi_slopes, sinks)
     return dispatch.get_backend(backend).attention_forward(q, k, v, attn_mask, dropout_p, is_causal, scale,
-                                                           rng_state)
+                                                           rng_state, rule)
 
 
 @sdpa_forward.register_fake
-def _(q, k, v, attn_mask, dropout_p, is_causal, scale, rng_state, backend):
+def _(q, k, v, attn_mask, dropout_p, is_causal, scale, rng_state, window_left, window_right, bottom_right, softcap,
+      alibi_slopes, sinks, backend):
     B, Hq, L, _ = q.shape
     out = q.new_empty(B, Hq, L, v.shape[-1])
     lse = q.new_empty(B, Hq, L, dtype=torch.float32)
@@ -42,11 +53,15 @@ def _(q, k, v, attn_mask, dropout_p, is_causal, scale, rng_state, backend):
 @torch.library.custom_op("llmkernels::sdpa_backward", mutates_args=())
 def sdpa_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   grad_lse: Optional[Tensor], attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool,
-                  scale: float, rng_state: Optional[Tensor], mask_needs_grad: bool,
+                  scale: float, rng_state: Optional[Tensor], window_left: int, window_right: int, bottom_right: bool,
+                  softcap: float, alibi_slopes: Optional[Tensor], sinks: Optional[Tensor], mask_needs_grad: bool,
                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """dmask is the gradient of the (expanded) float mask when mask_needs_grad, else an empty tensor."""
+    """dmask is the gradient of the (expanded) float mask when mask_needs_grad, else an empty tensor. The sinks'
+    gradient is not computed here (see _sinks_grad): the backends need sinks only through the forward's lse."""
+    rule = _rule(window_left, window_right, bottom_right, softcap, alibi_slopes, sinks)
     dq, dk, dv, dmask = dispatch.get_backend(backend).attention_backward(
-        grad_out, q, k, v, out, lse, grad_lse, attn_mask, dropout_p, is_causal, scale, rng_state, mask_needs_grad)
+        grad_out, q, k, v, out, lse, grad_lse, attn_mask, dropout_p, is_causal, scale, rng_state, mask_needs_grad,
+        rule)
     if mask_needs_grad:
         dmask = dmask.to(attn_mask.dtype)
     else:
@@ -55,26 +70,51 @@ def sdpa_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
 
 
 @sdpa_backward.register_fake
-def _(grad_out, q, k, v, out, lse, grad_lse, attn_mask, dropout_p, is_causal, scale, rng_state, mask_needs_grad,
-      backend):
+def _(grad_out, q, k, v, out, lse, grad_lse, attn_mask, dropout_p, is_causal, scale, rng_state, window_left,
+      window_right, bottom_right, softcap, alibi_slopes, sinks, mask_needs_grad, backend):
     dmask = attn_mask.new_empty(attn_mask.shape) if mask_needs_grad else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 
 
+def _sinks_grad(sinks: Tensor, out: Tensor, lse: Tensor, grad_out: Optional[Tensor],
+                grad_lse: Optional[Tensor]) -> Tensor:
+    """d sink[h] = -sum_{b,i} exp(sink[h] - lse[b,h,i]) * (rowsum(dO * O)[b,h,i] - grad_lse[b,h,i]).
+
+    Each key weight is P = exp(s - lse) with lse the log of the whole denominator, so dP/dsink = -P exp(sink - lse),
+    hence dO/dsink = -exp(sink - lse) O (dropout included, as O is the dropped output) and dlse/dsink =
+    exp(sink - lse). Rows that see no key have O = 0 and lse = sink: only their grad_lse counts. In float32
+    (float64 for float64 sinks), returned in sinks' dtype."""
+    wdt = torch.float64 if sinks.dtype == torch.float64 else torch.float32
+    B, Hq, L = lse.shape
+    term = torch.zeros(B, Hq, L, dtype=wdt, device=lse.device)
+    if grad_out is not None:
+        term = term + (grad_out.to(wdt) * out.to(wdt)).sum(dim=-1)
+    if grad_lse is not None:
+        term = term - grad_lse.to(wdt)
+    weight = torch.exp(sinks.to(wdt).view(1, Hq, 1) - lse.to(wdt))
+    return (-(weight * term).sum(dim=(0, 2))).to(sinks.dtype)
+
+
 def _sdpa_setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, dropout_p, is_causal, scale, rng_state, backend = inputs
+    (q, k, v, attn_mask, dropout_p, is_causal, scale, rng_state, window_left, window_right, bottom_right, softcap,
+     alibi_slopes, sinks, backend) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, attn_mask, rng_state)
-    ctx.args = (dropout_p, is_causal, scale, backend)
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, rng_state, alibi_slopes, sinks)
+    ctx.args = (dropout_p, is_causal, scale, window_left, window_right, bottom_right, softcap, backend)
 
 
 def _sdpa_backward_rule(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, attn_mask, rng_state = ctx.saved_tensors
-    dropout_p, is_causal, scale, backend = ctx.args
+    q, k, v, out, lse, attn_mask, rng_state, alibi_slopes, sinks = ctx.saved_tensors
+    dropout_p, is_causal, scale, window_left, window_right, bottom_right, softcap, backend = ctx.args
     mask_needs_grad = attn_mask is not None and ctx.needs_input_grad[3]
     dq, dk, dv, dmask = sdpa_backward(grad_out, q, k, v, out, lse, grad_lse, attn_mask, dropout_p, is_causal, scale,
-                                      rng_state, mask_needs_grad, backend)
-    return dq, dk, dv, (dmask if mask_needs_grad else None), None, None, None, None, None
+                                      rng_state, window_left, window_right, bottom_right, softcap, alibi_slopes,
+                                      sinks, mask_needs_grad, backend)
+    dsinks = None
+    if sinks is not None and ctx.needs_input_grad[13]:
+        dsinks = _sinks_grad(sinks, out, lse, grad_out, grad_lse)
+    return (dq, dk, dv, (dmask if mask_needs_grad else None), None, None, None, None, None, None, None, None, None,
+            dsinks, None)
 
 
 sdpa_forward.register_autograd(_sdpa_backward_rule, setup_context=_sdpa_setup_context)
@@ -95,7 +135,8 @@ def _tie_zero_grad(out: Tensor, t: Optional[Tensor]) -> Tensor:
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                 enable_gqa=False, *, return_lse=False, backend=None):
+                                 enable_gqa=False, *, return_lse=False, window_size=(-1, -1), causal_alignment=None,
+                                 softcap=0.0, alibi_slopes=None, sinks=None, backend=None):
     """Fused attention, a drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
 
     Shapes: query ``(..., Hq, L, E)``, key ``(..., Hk, S, E)``, value ``(..., Hv, S, Ev)``; the output is
@@ -107,12 +148,16 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     attn_mask: bool (True = attend) or float (added to the scaled scores, ``-inf`` allowed), broadcastable to
         ``(..., H, L, S)``; read through its strides, never expanded in memory. A float mask that requires
-        grad gets its gradient (summed over broadcast dims).
+        grad gets its gradient (summed over broadcast dims). Or a ``torch.nn.attention.bias.CausalBias``
+        (``causal_upper_left(L, S)`` / ``causal_lower_right(L, S)``): computed as ``is_causal=True`` with
+        that alignment, never materialised; its L and S must match the inputs', ``is_causal=True`` must not
+        be passed with it (as in PyTorch), and an explicit ``causal_alignment`` must agree with it.
     dropout_p: dropout on the attention weights whenever > 0 (as PyTorch: it does not look at ``training``),
         in ``[0, 1]``. ``dropout_p=1.0`` drops every weight, as PyTorch: the output is zeros (times the
         attention output, so a NaN there still shows), every input gets a zero gradient of its own shape, and
         the lse (dropout acts after the softmax) is still that of the scores, and differentiable.
-    is_causal: query ``i`` attends to keys ``j <= i`` (top-left alignment, also when ``L != S``).
+    is_causal: query ``i`` attends to keys ``j <= i + d``, ``d`` the diagonal offset of ``causal_alignment``
+        (0 by default: top-left, as PyTorch, also when ``L != S``).
     scale: defaults to ``1 / sqrt(E)``; a real number or a 0-d tensor (not one that requires grad: the scale
         is a constant here, with no gradient), finite.
     enable_gqa: grouped-query attention, PyTorch's rule: ``Hq`` must be a multiple of both ``Hk`` and ``Hv``;
@@ -121,6 +166,34 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         ``(..., H, L)``, so partial attentions over key blocks can be merged exactly. Differentiable.
     backend: ``"triton"``, ``"cuda"``, ``"reference"`` or ``"auto"`` (the default: the fastest backend that
         supports the inputs). See ``llmkernels.use_backend`` and the ``LLMKERNELS_BACKEND`` variable.
+
+    Attention variants (keyword-only, all off by default). They apply to the score of query ``i`` and key ``j``
+    in this order: ``s = scale * q_i . k_j``; the softcap; ALiBi; the float mask is added; the bool mask,
+    ``is_causal`` and the window hide keys; the softmax, with the sinks in its denominator.
+
+    window_size: ``(left, right)``, a tuple or list of two ints >= -1; -1 leaves that side unbounded.
+        Inclusive: query ``i`` may attend key ``j`` iff ``i + d - left <= j <= i + d + right``. ``(-1, 0)`` is
+        causal, and ``is_causal=True`` is the same as ``right = 0`` (with it, or with a ``CausalBias``, a
+        right side of -1 or 0 is fine and one > 0 is an error). ``(W, 0)`` covers ``W + 1`` keys: a window of
+        ``W`` keys in transformers' sense (Mistral's ``sliding_window=W``) is ``(W - 1, 0)``.
+    causal_alignment: ``None``, ``"top_left"`` (``d = 0``, PyTorch's ``is_causal``; what ``None`` means
+        unless a ``CausalBias`` mask says otherwise) or ``"bottom_right"`` (``d = S - L``, FlashAttention's:
+        the last query sees the last key). It applies to ``is_causal``, ``window_size`` and ALiBi alike.
+    softcap: when > 0, each scaled score ``s`` becomes ``softcap * tanh(s / softcap)`` before any mask,
+        window or bias: a float ``attn_mask`` and ALiBi are added to the capped score, and hidden keys stay
+        hidden. A finite real >= 0; 0 is off.
+    alibi_slopes: a float32 tensor of shape ``(H,)`` or the query's batch dims followed by ``H`` (``(B, H)``
+        for 4-D inputs; size-1 dims broadcast), on the inputs' device, not requiring grad (the slopes are
+        constants); adds ``-slope * |i + d - j|`` to the capped score. The returned lse is the true
+        log-sum-exp of the biased scores (FlashAttention-2's ALiBi adds ``+slope * j`` under causal, which gives
+        the same output but a per-row shifted lse; this one merges exactly across key blocks).
+    sinks: attention sinks (GPT-OSS's ``s_aux``), a tensor of shape ``(H,)``, float32 or the inputs' dtype: one
+        logit per head that joins every row's softmax denominator without a value, so the weights are
+        ``exp(s_j) / (exp(sinks[h]) + sum_k exp(s_k))``. Differentiable: its gradient is summed over the batch
+        and the rows. The returned lse includes the sink term (the log of the whole denominator).
+    Rows that see no key (bottom-right with ``L > S``, a window that misses every key, with a mask) give output
+    0, gradient 0 and lse ``-inf``; with sinks their denominator is the sink alone: output 0 and lse equal to
+    the sink logit.
 
     Where this deliberately accepts more than PyTorch's function:
       * ``attn_mask`` together with ``is_causal=True``: both apply (the causal rule hides ``j > i``, the mask
@@ -150,8 +223,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
-    a = contract.check_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    a = contract.check_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                 window_size=window_size, causal_alignment=causal_alignment, softcap=softcap,
+                                 alibi_slopes=alibi_slopes, sinks=sinks)
     name = dispatch.choose_attention_backend(a, backend)
+    rule = a.rule
     B, Hq, L, _ = a.q.shape
     S = a.k.shape[2]
     if B * Hq * L == 0 or S == 0:
@@ -160,9 +236,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         # input that requires grad is tied in through an empty slice (its sum is exactly 0, so a NaN in q does
         # not turn the zeros into NaN), and so gets a zero gradient of its own shape, as from PyTorch, not None.
         out = a.q.new_zeros(B, Hq, L, a.v.shape[-1])
-        for t in (query, key, value, attn_mask):
+        for t in (query, key, value, a.mask, rule.sinks):
             out = _tie_zero_grad(out, t)
-        lse = a.q.new_full((B, Hq, L), float("-inf"), dtype=torch.float32)
+        if rule.sinks is None:
+            lse = a.q.new_full((B, Hq, L), float("-inf"), dtype=torch.float32)
+        else:
+            # The denominator is the sink alone: lse = sink, whose gradient (the sum of grad_lse over the batch
+            # and the rows, as _sinks_grad gives where O = 0) autograd derives from this expression.
+            lse = rule.sinks.to(torch.float32).view(1, Hq, 1).expand(B, Hq, L)
     else:
         # dropout_p = 1 drops every weight after the softmax: run without dropout (so the lse and its gradient
         # are the scores' own), then scale the output by 0. Like PyTorch's dropout (which multiplies the weights
@@ -171,7 +252,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         drop_all = a.dropout_p == 1.0
         p = 0.0 if drop_all else a.dropout_p
         rng_state = _new_rng_state(a.q.device) if p > 0.0 else None
-        out, lse = sdpa_forward(a.q, a.k, a.v, a.mask, p, a.is_causal, a.scale, rng_state, name)
+        out, lse = sdpa_forward(a.q, a.k, a.v, a.mask, p, a.is_causal, a.scale, rng_state, rule.window_left,
+                                rule.window_right, rule.bottom_right, rule.softcap, rule.alibi_slopes, rule.sinks,
+                                name)
         if drop_all:
             out = out * 0
     out = out.reshape(a.out_shape)

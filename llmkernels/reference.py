@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .contract import REFERENCE_DTYPES, check_attention, check_masked_softmax
+from .contract import REFERENCE_DTYPES, ScoreRule, check_attention, check_masked_softmax
 
 VALUE_EINSUM = "nhqk,nkhd->nqhd"
 SEED_VALUE_EINSUM = "nhqk,nvhd->nqhd"  # the seed document's bug, kept for the test that shows it is wrong
@@ -47,17 +47,65 @@ def _softmax_zero_for_masked_rows(energy: torch.Tensor):
     return weights, lse
 
 
+def apply_score_rule(energy: torch.Tensor, mask: Optional[torch.Tensor], is_causal: bool, rule: ScoreRule
+                     ) -> torch.Tensor:
+    """Steps 2 to 4 of the score rule (contract.ScoreRule) on the scaled scores ``energy`` (B, Hq, L, S), literally
+    and in order: softcap, ALiBi, the mask (added or hiding), causal and window hiding (-inf)."""
+    L, S = energy.shape[-2:]
+    cdt, device = energy.dtype, energy.device
+    if rule.softcap > 0.0:
+        # Before any mask: capping after masking would turn -inf into -softcap and let hidden keys leak.
+        energy = rule.softcap * torch.tanh(energy / rule.softcap)
+    d = S - L if rule.bottom_right else 0
+    i = torch.arange(L, device=device).unsqueeze(-1)
+    j = torch.arange(S, device=device)
+    if rule.alibi_slopes is not None:
+        distance = (i + d - j).abs().to(cdt)
+        energy = energy - rule.alibi_slopes.to(cdt)[:, :, None, None] * distance
+    if mask is not None:
+        energy = energy.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else energy + mask.to(cdt)
+    hidden = torch.zeros(L, S, dtype=torch.bool, device=device)
+    if is_causal:
+        hidden |= j > i + d
+    if rule.window_left >= 0:
+        hidden |= j < i + d - rule.window_left
+    if rule.window_right >= 0:
+        hidden |= j > i + d + rule.window_right
+    return energy.masked_fill(hidden, float("-inf"))
+
+
+def softmax_with_sinks(energy: torch.Tensor, sinks: Optional[torch.Tensor]):
+    """(weights, lse) of the final scores (B, Hq, L, S); sinks (Hq,) join each row's denominator, no value.
+
+    The sink is one more column of the row: its weight is dropped, so the key weights are
+    exp(s_j) / (exp(sink) + sum exp(s_k)) and lse is the log of that whole denominator; a row whose keys are all
+    hidden gets weights 0 and lse = sink. Autograd through the column gives the sinks' gradient."""
+    if sinks is None:
+        return _softmax_zero_for_masked_rows(energy)
+    B, Hq, L, _ = energy.shape
+    column = sinks.to(energy.dtype).view(1, Hq, 1, 1).expand(B, Hq, L, 1)
+    weights, lse = _softmax_zero_for_masked_rows(torch.cat([energy, column], dim=-1))
+    return weights[..., :-1], lse
+
+
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                 enable_gqa=False, *, return_lse=False, dropout_mask: Optional[torch.Tensor] = None,
+                                 enable_gqa=False, *, return_lse=False, window_size=(-1, -1), causal_alignment=None,
+                                 softcap=0.0, alibi_slopes=None, sinks=None,
+                                 dropout_mask: Optional[torch.Tensor] = None,
                                  compute_dtype: Optional[torch.dtype] = None):
     """Attention by the classic einsum formulation, with the full llmkernels contract.
 
+    The variant arguments (``window_size``, ``causal_alignment``, ``softcap``, ``alibi_slopes``, ``sinks``, a
+    ``CausalBias`` attn_mask) are those of ``llmkernels.scaled_dot_product_attention``, applied literally on the
+    materialised L x S scores (``apply_score_rule``; float64 slopes and sinks are taken with float64 inputs).
     ``dropout_mask``: a bool tensor broadcastable to (..., Hq, L, S), True = keep. When given, it is used
     instead of drawing a random one (so a kernel's dropout can be checked exactly); kept weights are scaled by
     ``1 / (1 - dropout_p)``. ``compute_dtype``: dtype of the arithmetic (``None``: the input dtype). The output
     is returned in the input dtype; lse in float32 (float64 when computing in float64).
     """
-    a = check_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, REFERENCE_DTYPES)
+    a = check_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, REFERENCE_DTYPES,
+                        window_size=window_size, causal_alignment=causal_alignment, softcap=softcap,
+                        alibi_slopes=alibi_slopes, sinks=sinks)
     dtype = query.dtype
     cdt = compute_dtype or dtype
     B, Hq, L, E = a.q.shape
@@ -72,16 +120,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         V = V.repeat_interleave(Hq // Hkv, dim=2)
 
     energy = torch.einsum("nqhd,nkhd->nhqk", Q, K) * a.scale
-    if a.mask is not None:
-        if a.mask.dtype == torch.bool:
-            energy = energy.masked_fill(~a.mask, float("-inf"))
-        else:
-            energy = energy + a.mask.to(cdt)
-    if a.is_causal:
-        causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
-        energy = energy.masked_fill(~causal, float("-inf"))
-
-    attention, lse = _softmax_zero_for_masked_rows(energy)
+    energy = apply_score_rule(energy, a.mask, a.is_causal, a.rule)
+    attention, lse = softmax_with_sinks(energy, a.rule.sinks)
     if a.dropout_p == 1.0:
         # Every weight dropped: PyTorch's dropout multiplies by 0 (no 1 / (1 - p)), which keeps NaN visible.
         attention = attention * 0.0

@@ -1,8 +1,8 @@
 """The "reference" backend: the contract in plain PyTorch, on any device.
 
 It runs ``reference.py`` in float32 (or the input dtype when that is float32) on the canonical form of
-``contract.py``, and its backward recomputes the forward under autograd. It is what runs CPU tensors when
-Triton's interpreter is off, and the last resort of ``"auto"``. It materialises the L x S scores, so it is
+``contract.py`` (the score rule included), and its backward is the FlashAttention backward written densely. It
+is what runs CPU tensors when Triton's interpreter is off, and the last resort of ``"auto"``. It materialises the L x S scores, so it is
 neither fast nor memory-lean.
 """
 
@@ -25,43 +25,49 @@ def dropout_keep_mask(rng_state: torch.Tensor, shape, dropout_p: float, device) 
     return torch.rand(shape, generator=gen, device=device) >= dropout_p
 
 
-def _attention(q, k, v, mask, dropout_p, is_causal, scale, rng_state):
+def _attention(q, k, v, mask, dropout_p, is_causal, scale, rng_state, rule):
     B, Hq, L, _ = q.shape
     keep = None
     if dropout_p > 0.0:
         keep = dropout_keep_mask(rng_state, (B, Hq, L, k.shape[2]), dropout_p, q.device)
+    # The canonical form is already folded (is_causal carries a right side of 0, window_right is -1 or >= 1),
+    # so passing it back through the reference's validation leaves it unchanged.
     return reference.scaled_dot_product_attention(
-        q, k, v, mask, dropout_p, is_causal, scale, enable_gqa=True, return_lse=True, dropout_mask=keep,
-        compute_dtype=_compute_dtype(q.dtype))
+        q, k, v, mask, dropout_p, is_causal, scale, enable_gqa=True, return_lse=True,
+        window_size=(rule.window_left, rule.window_right),
+        causal_alignment="bottom_right" if rule.bottom_right else "top_left", softcap=rule.softcap,
+        alibi_slopes=rule.alibi_slopes, sinks=rule.sinks, dropout_mask=keep, compute_dtype=_compute_dtype(q.dtype))
 
 
-def attention_forward(q, k, v, mask, dropout_p, is_causal, scale, rng_state):
-    out, lse = _attention(q, k, v, mask, dropout_p, is_causal, scale, rng_state)
+def attention_forward(q, k, v, mask, dropout_p, is_causal, scale, rng_state, rule):
+    out, lse = _attention(q, k, v, mask, dropout_p, is_causal, scale, rng_state, rule)
     return out.contiguous(), lse.contiguous()
 
 
-def _weights(q, k, mask, is_causal, scale, cdt):
-    """The normalised attention weights P (B, Hq, L, S) in cdt, zero on fully masked rows; K repeated for GQA."""
+def _weights(q, k, mask, is_causal, scale, rule, cdt):
+    """The normalised attention weights P (B, Hq, L, S) in cdt, zero on fully hidden rows, K repeated for GQA,
+    and the softcap's derivative 1 - tanh^2(s / c) of the scaled scores s (None without a softcap)."""
     group = q.shape[1] // k.shape[1]
     K = k.to(cdt).repeat_interleave(group, dim=1)
-    energy = torch.einsum("bhld,bhsd->bhls", q.to(cdt), K) * scale
-    if mask is not None:
-        energy = energy.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else energy + mask.to(cdt)
-    if is_causal:
-        L, S = energy.shape[-2:]
-        energy = energy.masked_fill(~torch.ones(L, S, dtype=torch.bool, device=q.device).tril(), float("-inf"))
-    return reference._softmax_zero_for_masked_rows(energy)[0], K, group
+    raw = torch.einsum("bhld,bhsd->bhls", q.to(cdt), K) * scale
+    energy = reference.apply_score_rule(raw, mask, is_causal, rule)
+    softcap_grad = None
+    if rule.softcap > 0.0:
+        softcap_grad = 1.0 - torch.tanh(raw / rule.softcap) ** 2
+    return reference.softmax_with_sinks(energy, rule.sinks)[0], K, group, softcap_grad
 
 
 def attention_backward(grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state,
-                       mask_needs_grad):
+                       mask_needs_grad, rule):
     # The FlashAttention backward written densely (this runs below autograd, so no autograd recompute):
-    # dV = Pd^T dO, dP = (dO V^T) * keep / (1 - p), dS = P * (dP - rowsum(P * dP) - grad_lse), dQ = scale dS K,
-    # dK = scale dS^T Q; the mask's gradient is dS (it is added to the scaled scores).
+    # dV = Pd^T dO, dP = (dO V^T) * keep / (1 - p), dS = P * (dP - rowsum(P * dP) - grad_lse), dQ = scale dS' K,
+    # dK = scale dS'^T Q with dS' = dS * (1 - tanh^2(s / c)) under a softcap (the cap's chain rule; ALiBi is a
+    # constant); the mask's gradient is dS (it is added to the capped scores). Sinks change only P (through the
+    # denominator); their own gradient is computed in ops.py.
     cdt = _compute_dtype(q.dtype)
     B, Hq, L, _ = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    P, K, group = _weights(q, k, mask, is_causal, scale, cdt)
+    P, K, group, softcap_grad = _weights(q, k, mask, is_causal, scale, rule, cdt)
     V = v.to(cdt).repeat_interleave(group, dim=1)
     dO = grad_out.to(cdt)
     Pd, dP = P, torch.einsum("bhld,bhsd->bhls", dO, V)
@@ -72,10 +78,12 @@ def attention_backward(grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, i
     if grad_lse is not None:
         delta = delta - grad_lse.to(cdt).unsqueeze(-1)
     dS = P * (dP - delta)
+    dmask = dS if mask_needs_grad else None
+    if softcap_grad is not None:
+        dS = dS * softcap_grad
     dq = torch.einsum("bhls,bhsd->bhld", dS, K) * scale
     dk = (torch.einsum("bhls,bhld->bhsd", dS, q.to(cdt)) * scale).view(B, Hkv, group, S, -1).sum(2)
     dv = torch.einsum("bhls,bhld->bhsd", Pd, dO).view(B, Hkv, group, S, -1).sum(2)
-    dmask = dS if mask_needs_grad else None
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask
 
 

@@ -36,10 +36,58 @@ def _attention_samples(device, dtype=torch.float32):
     ]
 
 
+# The score rule's op arguments (window_left, window_right, bottom_right, softcap, alibi_slopes, sinks) when off.
+NO_RULE = (-1, -1, False, 0.0, None, None)
+
+
+def _variant_samples(device):
+    """Op arguments (without the backend) with each variant of the score rule, alone and together."""
+    g = torch.Generator().manual_seed(1)
+
+    def t(*shape, grad=True):
+        return torch.randn(*shape, generator=g).to(device).requires_grad_(grad)
+
+    B, Hq, Hkv, L, S, E, Ev = 2, 4, 2, 17, 23, 16, 8
+    slopes = torch.rand(B, Hq, generator=g).to(device)
+    mask_bool = (torch.rand(B, 1, L, S, generator=g) > 0.2).to(device).expand(B, Hq, L, S)
+    mask_float = t(1, Hq, 1, S).expand(B, Hq, L, S)
+    rng = torch.tensor([99, 0], dtype=torch.int64, device=device)
+
+    def qkv(L=L, S=S):
+        return t(B, Hq, L, E), t(B, Hkv, S, E), t(B, Hkv, S, Ev)
+
+    return [
+        (*qkv(), None, 0.0, False, 0.25, None, 3, 2, True, 0.0, None, None),  # a two-sided window, bottom-right
+        (*qkv(), mask_bool, 0.0, True, 0.25, None, 4, -1, True, 0.0, None, None),  # causal window, a mask
+        (*qkv(), mask_float, 0.0, False, 0.3, None, -1, -1, False, 1.0, None, None),  # softcap + float mask grad
+        (*qkv(), None, 0.2, False, 0.25, rng, -1, -1, True, 0.0, slopes, None),  # ALiBi with dropout
+        (*qkv(), None, 0.0, False, 0.25, None, -1, -1, False, 0.0, None, t(Hq)),  # sinks
+        # L > S bottom-right causal: the first rows see no key, their denominator is the sink alone
+        (*qkv(L=23, S=9), None, 0.0, True, 0.25, None, -1, -1, True, 0.0, None, t(Hq)),
+        (*qkv(), mask_float, 0.0, True, 0.3, None, 5, -1, True, 2.0, slopes, t(Hq)),  # everything at once
+    ]
+
+
 @pytest.mark.parametrize("backend", RUNNABLE)
 def test_opcheck_sdpa_forward(backend, device):
     for q, k, v, mask, p, causal, scale, rng in _attention_samples(device):
-        torch.library.opcheck(ops.sdpa_forward, (q, k, v, mask, p, causal, scale, rng, backend))
+        torch.library.opcheck(ops.sdpa_forward, (q, k, v, mask, p, causal, scale, rng, *NO_RULE, backend))
+
+
+@pytest.mark.parametrize("backend", [b for b in RUNNABLE if b == "reference"])
+def test_opcheck_sdpa_forward_variants(backend, device):
+    # Backends whose kernels apply the score rule join this list as they gain it (dispatch declines them now).
+    for args in _variant_samples(device):
+        torch.library.opcheck(ops.sdpa_forward, (*args, backend))
+
+
+def test_backend_without_the_rule_refuses_an_active_rule_at_the_op():
+    # A direct op call with a backend name bypasses attention_reasons: the backend itself must refuse rather
+    # than run its plain kernel and return plain attention's numbers.
+    q = torch.randn(1, 2, 5, 8)
+    for name in ("triton", "cuda"):
+        with pytest.raises(dispatch.NotSupportedError, match=f"backend '{name}': window_size/softcap"):
+            ops.sdpa_forward(q, q, q, None, 0.0, False, 0.3, None, -1, -1, False, 1.0, None, None, name)
 
 
 @pytest.mark.parametrize("backend", RUNNABLE)

@@ -21,7 +21,7 @@ when:
   * it passes a keyword PyTorch has and llmkernels does not know (a newer PyTorch's extra argument);
   * an input is a tensor subclass or has a ``__torch_function__`` override (DTensor, nested tensors, ...);
   * it passes both ``attn_mask`` and ``is_causal=True``: PyTorch raises for that, llmkernels would combine them,
-    so the caller keeps PyTorch's behaviour;
+    so the caller keeps PyTorch's behaviour (a ``CausalBias`` mask with ``is_causal=True`` too: PyTorch's error);
   * the llmkernels contract rejects it (float64, mismatched dtypes, shapes, ...): PyTorch then runs it or raises
     its own error, exactly as without routing;
   * with the default backend choice, only the "reference" backend could run it (for example CPU tensors without
@@ -29,7 +29,10 @@ when:
     a dense reference. An explicit ``route_sdpa(backend="reference")`` (or ``use_backend("reference")``) routes
     such calls to it anyway;
   * an explicitly requested backend cannot take the inputs (unless ``strict=True``, which raises instead).
-Everything else runs ``llmkernels.scaled_dot_product_attention`` on the chosen backend.
+Everything else runs ``llmkernels.scaled_dot_product_attention`` on the chosen backend. A
+``torch.nn.attention.bias.CausalBias`` mask (``causal_upper_left`` / ``causal_lower_right``), a tensor subclass, is
+not a reason to fall back: it becomes llmkernels' ``is_causal=True`` with the matching alignment, never
+materialised.
 
 Differences a routed call can show (all within the llmkernels contract, KERNELS.md): rows whose keys are all
 masked give 0 (as PyTorch's math path since 2.5); a NaN in a *masked* score position is not read (as PyTorch's
@@ -49,6 +52,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias
 
 from .. import contract, dispatch
 from .. import ops as _ops
@@ -226,6 +230,8 @@ def route_sdpa(backend: Optional[str] = None, *, strict: bool = False, enabled: 
 
 def _describe(query, key, value, attn_mask) -> str:
     def d(t):
+        if isinstance(t, CausalBias):  # its tensor shape (variant, L, S) is not a mask's
+            return f"CausalBias({t.variant.name.lower()}, {t.seq_len_q}, {t.seq_len_kv})"
         if not isinstance(t, torch.Tensor):
             return type(t).__name__
         return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} {t.device}"
@@ -263,7 +269,11 @@ def _router(*args, **kwargs):
 
     if extra:
         return _fallback(REASON_EXTRA_ARGS, lambda: ", ".join(sorted(extra)), args, kwargs)
-    tensors = tuple(t for t in (query, key, value, attn_mask) if isinstance(t, torch.Tensor))
+    # A CausalBias is a tensor subclass with a __torch_function__ override, but one the contract understands (it
+    # becomes is_causal with its alignment), so it is not counted as a subclass here.
+    causal_bias = isinstance(attn_mask, CausalBias)
+    checked = (query, key, value) if causal_bias else (query, key, value, attn_mask)
+    tensors = tuple(t for t in checked if isinstance(t, torch.Tensor))
     if any(type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter) for t in tensors) or \
             torch.overrides.has_torch_function(tensors) or any(t.is_nested for t in tensors):
         return _fallback(REASON_SUBCLASS, detail, args, kwargs)
@@ -278,7 +288,7 @@ def _router(*args, **kwargs):
             autocast_dtype = torch.get_autocast_dtype(device_type)
             query, key, value = (t.to(autocast_dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()
                                  else t for t in (query, key, value))
-            if isinstance(attn_mask, torch.Tensor) and attn_mask.is_floating_point():
+            if isinstance(attn_mask, torch.Tensor) and not causal_bias and attn_mask.is_floating_point():
                 attn_mask = attn_mask.to(autocast_dtype)
     try:
         a = contract.check_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
