@@ -52,9 +52,10 @@ def _attn_bwd_preprocess_kernel(Out, dO, GradLse, Lse, Delta, ScoreLse,
         delta -= tl.load(GradLse + off_b.to(tl.int64) * stride_glb + off_h.to(tl.int64) * stride_glh
                          + offs_m.to(tl.int64) * stride_glm, mask=row_ok, other=0.0)
     lse = tl.load(Lse + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
-    if not SCORES_NATURAL:
-        lse = lse * 1.4426950408889634
-    score_lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    if SCORES_NATURAL:
+        score_lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    else:
+        score_lse = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     tl.store(Delta + bh.to(tl.int64) * L + offs_m, delta, mask=row_ok)
     tl.store(ScoreLse + bh.to(tl.int64) * L + offs_m, score_lse, mask=row_ok)
 
