@@ -6,7 +6,7 @@
 
 Where things are: ``contract.py`` (argument checks and the canonical form), ``dispatch.py`` (backend choice),
 ``ops.py`` (torch.library ops, autograd, public functions), ``triton_kernels/`` (Triton kernels),
-``cuda_ext.py`` + ``csrc/`` (CUDA C++), ``reference.py`` (the einsum reference), ``torch_backend.py`` (the
+``cuda_ext.py`` + ``csrc/`` (in the package) (CUDA C++), ``reference.py`` (the einsum reference), ``torch_backend.py`` (the
 PyTorch backend).
 """
 

@@ -10,7 +10,7 @@ chosen backend that cannot take the inputs raises with its reasons, and so does 
 listing every backend's reasons.
 
 The backends work on the canonical form of ``contract.py``; their kernels live in ``triton_kernels/`` (Triton),
-``cuda_ext.py`` + ``csrc/`` (CUDA C++) and ``reference.py`` (PyTorch).
+``cuda_ext.py`` + ``csrc/`` (in the package) (CUDA C++) and ``reference.py`` (PyTorch).
 """
 
 from __future__ import annotations
