@@ -129,6 +129,79 @@ ATTENTION_CASES = [
      llmkernels.NotSupportedError, r"(?s)backend 'triton' does not support .*head dims up to 256, got E=300, Ev=300"),
 ]
 
+_bias = torch.nn.attention.bias
+# The variant arguments of issue 14 (q0: (2, 4, 5, 8), k0/v0: (2, 4, 7, 8)).
+VARIANT_CASES = [
+    ("window_not_pair", lambda: sdpa(q0, k0, v0, window_size=3), TypeError,
+     r"window_size must be a tuple or list of two ints \(left, right\), got 3"),
+    ("window_three", lambda: sdpa(q0, k0, v0, window_size=(1, 2, 3)), TypeError,
+     r"window_size must be a tuple or list of two ints"),
+    ("window_bool", lambda: sdpa(q0, k0, v0, window_size=(True, 0)), TypeError,
+     r"window_size .* its left side is bool True"),
+    ("window_float", lambda: sdpa(q0, k0, v0, window_size=(2, 1.0)), TypeError,
+     r"window_size .* its right side is float 1.0"),
+    ("window_below_minus_one", lambda: sdpa(q0, k0, v0, window_size=(-2, 0)), ValueError,
+     r"window_size left side must be >= -1 \(-1 = unbounded\), got -2"),
+    ("window_right_with_causal", lambda: sdpa(q0, k0, v0, is_causal=True, window_size=(2, 1)), ValueError,
+     r"window_size right side 1 > 0 contradicts is_causal=True"),
+    ("window_right_with_causal_bias", lambda: sdpa(q0, k0, v0, _bias.causal_lower_right(L, S), window_size=(-1, 2)),
+     ValueError, r"window_size right side 2 > 0 contradicts a CausalBias attn_mask"),
+    ("alignment_name", lambda: sdpa(q0, k0, v0, causal_alignment="lower_right"), ValueError,
+     r"causal_alignment must be None, 'top_left' or 'bottom_right', got 'lower_right'"),
+    ("alignment_bool", lambda: sdpa(q0, k0, v0, causal_alignment=True), ValueError,
+     r"causal_alignment must be None, 'top_left' or 'bottom_right', got True"),
+    ("softcap_negative", lambda: sdpa(q0, k0, v0, softcap=-1.0), ValueError,
+     r"softcap must be a finite number >= 0 \(0 = off\), got -1.0"),
+    ("softcap_nan", lambda: sdpa(q0, k0, v0, softcap=math.nan), ValueError, r"softcap must be .* got nan"),
+    ("softcap_inf", lambda: sdpa(q0, k0, v0, softcap=math.inf), ValueError, r"softcap must be .* got inf"),
+    ("softcap_str", lambda: sdpa(q0, k0, v0, softcap="30"), TypeError,
+     r"softcap must be a real number or a 0-d tensor, got str"),
+    ("softcap_bool", lambda: sdpa(q0, k0, v0, softcap=True), TypeError,
+     r"softcap must be a real number or a 0-d tensor, got bool"),
+    ("alibi_not_tensor", lambda: sdpa(q0, k0, v0, alibi_slopes=[0.5] * H), TypeError,
+     r"alibi_slopes must be a torch.Tensor, got list"),
+    ("alibi_shape", lambda: sdpa(q0, k0, v0, alibi_slopes=torch.rand(H + 1)), ValueError,
+     r"alibi_slopes of shape \(5,\) must be \(Hq,\) = \(4,\) or the query's batch dims and heads \(2, 4\)"),
+    ("alibi_too_many_dims", lambda: sdpa(q0, k0, v0, alibi_slopes=torch.rand(3, B, H)), ValueError,
+     r"alibi_slopes of shape \(3, 2, 4\) must be"),
+    ("alibi_scalar", lambda: sdpa(q0, k0, v0, alibi_slopes=torch.tensor(0.5)), ValueError,
+     r"alibi_slopes of shape \(\) must be"),
+    ("alibi_dtype_half", lambda: sdpa(q0.half(), k0.half(), v0.half(), alibi_slopes=torch.rand(H).half()), TypeError,
+     r"alibi_slopes has dtype torch.float16; it must be float32"),
+    ("alibi_dtype_float64", lambda: sdpa(q0, k0, v0, alibi_slopes=torch.rand(H).double()), TypeError,
+     r"alibi_slopes has dtype torch.float64; it must be float32"),
+    ("alibi_device", lambda: sdpa(q0, k0, v0, alibi_slopes=torch.rand(H, device="meta")), ValueError,
+     r"alibi_slopes is on meta but the inputs are on cpu"),
+    ("alibi_requires_grad", lambda: sdpa(q0, k0, v0, alibi_slopes=torch.rand(H, requires_grad=True)), ValueError,
+     r"alibi_slopes requires grad; llmkernels takes the ALiBi slopes as constants"),
+    ("sinks_shape", lambda: sdpa(q0, k0, v0, sinks=torch.zeros(B, H)), ValueError,
+     r"sinks of shape \(2, 4\) must be \(Hq,\) = \(4,\), one logit per head"),
+    ("sinks_broadcast_shape", lambda: sdpa(q0, k0, v0, sinks=torch.zeros(1)), ValueError,
+     r"sinks of shape \(1,\) must be \(Hq,\) = \(4,\)"),
+    ("sinks_dtype", lambda: sdpa(q0, k0, v0, sinks=torch.zeros(H, dtype=torch.bfloat16)), TypeError,
+     r"sinks has dtype torch.bfloat16; it must be float32 \(the inputs' dtype\)"),
+    ("sinks_dtype_half_inputs", lambda: sdpa(q0.half(), k0.half(), v0.half(), sinks=torch.zeros(H).double()),
+     TypeError, r"sinks has dtype torch.float64; it must be float32 or float16 \(the inputs' dtype\)"),
+    ("sinks_int", lambda: sdpa(q0, k0, v0, sinks=torch.zeros(H, dtype=torch.int64)), TypeError,
+     r"sinks has dtype torch.int64"),
+    ("sinks_device", lambda: sdpa(q0, k0, v0, sinks=torch.zeros(H, device="meta")), ValueError,
+     r"sinks is on meta but the inputs are on cpu"),
+    ("causal_bias_with_is_causal", lambda: sdpa(q0, k0, v0, _bias.causal_upper_left(L, S), is_causal=True),
+     ValueError, r"attn_mask is a CausalBias, which already makes the call causal: do not also pass is_causal=True"),
+    ("causal_bias_alignment_conflict",
+     lambda: sdpa(q0, k0, v0, _bias.causal_upper_left(L, S), causal_alignment="bottom_right"), ValueError,
+     r"causal_alignment='bottom_right' conflicts with the attn_mask CausalBias, which is 'top_left'"),
+    ("causal_bias_wrong_L", lambda: sdpa(q0, k0, v0, _bias.causal_lower_right(L + 1, S)), ValueError,
+     r"attn_mask is a CausalBias for seq_len_q=6, seq_len_kv=7 but the inputs have L=5 queries and S=7 keys"),
+    ("causal_bias_wrong_S", lambda: sdpa(q0, k0, v0, _bias.causal_upper_left(L, S - 1)), ValueError,
+     r"attn_mask is a CausalBias for seq_len_q=5, seq_len_kv=6 but the inputs have L=5 queries and S=7 keys"),
+    ("reference_alibi_float64_needs_float64_inputs",
+     lambda: reference.scaled_dot_product_attention(q0, k0, v0, alibi_slopes=torch.rand(H).double()), TypeError,
+     r"alibi_slopes has dtype torch.float64; it must be float32$"),
+    ("triton_backend_variant", lambda: sdpa(q0, k0, v0, softcap=1.0, backend="triton"), llmkernels.NotSupportedError,
+     r"(?s)backend 'triton' does not support .*window_size/softcap/alibi_slopes/sinks/bottom_right alignment"),
+]
+
 SOFTMAX_CASES = [
     ("input_int", lambda: llmkernels.masked_softmax(torch.ones(3, 4, dtype=torch.int64)), TypeError,
      r"input has dtype torch.int64"),
@@ -166,8 +239,10 @@ MODULE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("call,exc,match", [c[1:] for c in ATTENTION_CASES + SOFTMAX_CASES + MODULE_CASES],
-                         ids=[c[0] for c in ATTENTION_CASES + SOFTMAX_CASES + MODULE_CASES])
+ALL_CASES = ATTENTION_CASES + VARIANT_CASES + SOFTMAX_CASES + MODULE_CASES
+
+
+@pytest.mark.parametrize("call,exc,match", [c[1:] for c in ALL_CASES], ids=[c[0] for c in ALL_CASES])
 def test_bad_input_is_reported_before_any_kernel(call, exc, match, no_kernel_runs):
     with pytest.raises(exc, match=match):
         call()

@@ -310,3 +310,65 @@ def test_torch_compile_fullgraph_with_dynamic_shapes(device, auto_dispatch, dyna
     # dynamic=True: one symbolic graph for both lengths; automatic: a static graph, then a symbolic one.
     assert len(graphs) == (1 if dynamic else 2), graphs
     assert all("llmkernels.sdpa_forward" in g for g in graphs), graphs
+
+
+# ------------------------------------------------------------------------------------------------------------
+# CausalBias masks (torch.nn.attention.bias): recognised as causal with their alignment, never materialised
+
+
+@pytest.mark.parametrize("make", ["causal_upper_left", "causal_lower_right"])
+def test_causal_bias_is_routed_as_causal_with_its_alignment(make, kernel_calls):
+    q, k, v = _qkv(L=5, S=8)
+    bias = getattr(torch.nn.attention.bias, make)(5, 8)
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    with llmkernels.route_sdpa(backend="reference"):
+        out = user_code(*ins, attn_mask=bias)
+    expected = TORCH_SDPA(*ref_ins, attn_mask=bias)
+    assert kernel_calls == ["reference"] and type(out) is torch.Tensor
+    event = llmkernels.routing_stats().recent[-1]
+    assert event.path == "llmkernels" and f"CausalBias({make[7:]}, 5, 8)" in event.detail
+    torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-5)
+    grad = torch.randn(out.shape)
+    for a, b in zip(torch.autograd.grad(out, ins, grad), torch.autograd.grad(expected, ref_ins, grad)):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+
+
+def test_causal_bias_is_not_a_subclass_fallback(kernel_calls):
+    # With the default choice a bottom-right call (L != S) is a variant only the reference backend runs for now:
+    # PyTorch takes it for that reason, not because CausalBias is a tensor subclass.
+    # (Inputs that require grad: PyTorch's CPU fused path fails on this CausalBias call without them, torch 2.14.)
+    q, k, v = (t.requires_grad_() for t in _qkv(L=5, S=8))
+    bias = torch.nn.attention.bias.causal_lower_right(5, 8)
+    with llmkernels.route_sdpa():
+        out = user_code(q, k, v, attn_mask=bias)
+    torch.testing.assert_close(out, TORCH_SDPA(q, k, v, attn_mask=bias), rtol=1e-5, atol=1e-6)
+    stats = llmkernels.routing_stats()
+    assert stats.fallback == {routing.REASON_REFERENCE_ONLY: 1}
+    assert any("CausalBias(lower_right, 5, 8)" in e.detail for e in stats.recent if e.path == "torch")
+    # (PyTorch's CausalBias dispatch may itself call F.scaled_dot_product_attention, which is routed in turn.)
+
+
+def test_causal_bias_with_is_causal_keeps_pytorchs_error(kernel_calls):
+    q, k, v = _qkv(L=5, S=8)
+    with llmkernels.route_sdpa(backend="reference"):
+        with pytest.raises((ValueError, RuntimeError), match="should not be (used|set) (with|when) (is_)?causal=True"):
+            user_code(q, k, v, attn_mask=torch.nn.attention.bias.causal_upper_left(5, 8), is_causal=True)
+    _one_fallback(routing.REASON_MASK_AND_CAUSAL)
+    assert not kernel_calls
+
+
+def test_causal_bias_calls_given_to_pytorch_still_get_its_causal_dispatch(kernel_calls):
+    # While the router is installed, F.scaled_dot_product_attention is the router, so CausalBias's own
+    # __torch_function__ (which checks for that function) would not recognise the call and PyTorch would read the
+    # bias as a (variant, L, S) tensor mask. Fallbacks and idle routing must give PyTorch's causal result.
+    q, k, v = (t.requires_grad_() for t in _qkv(L=5, S=8))
+    bias = torch.nn.attention.bias.causal_upper_left(5, 8)
+    expected = TORCH_SDPA(q, k, v, attn_mask=bias)
+    causal = TORCH_SDPA(q, k, v, is_causal=True)
+    torch.testing.assert_close(expected, causal, rtol=1e-5, atol=1e-6)
+    with llmkernels.route_sdpa(enabled=False):  # installed, idle
+        torch.testing.assert_close(user_code(q, k, v, attn_mask=bias), causal, rtol=1e-5, atol=1e-6)
+    with llmkernels.route_sdpa(backend="cuda"):  # a fallback: cuda refuses CPU tensors
+        torch.testing.assert_close(user_code(q, k, v, attn_mask=bias), causal, rtol=1e-5, atol=1e-6)
+    assert not kernel_calls

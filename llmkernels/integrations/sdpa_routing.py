@@ -245,15 +245,30 @@ def _bind(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, 
     return query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, extra
 
 
+def _call_torch(args, kwargs):
+    """PyTorch's function on the call as made. A CausalBias mask is PyTorch's own tensor subclass whose
+    __torch_function__ serves the call only when the function is ``torch.nn.functional.scaled_dot_product_attention``
+    itself, which is the router while routing is installed: PyTorch's function would then read the bias as a plain
+    (variant, L, S) tensor mask. So such a call goes to the bias's own dispatch, as it would without routing."""
+    try:
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, extra = _bind(*args, **kwargs)
+    except TypeError:
+        return _original(*args, **kwargs)
+    if isinstance(attn_mask, CausalBias) and not extra:
+        return type(attn_mask)._dispatch(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+                                         enable_gqa=enable_gqa)
+    return _original(*args, **kwargs)
+
+
 def _fallback(reason: str, detail: Callable[[], str], args, kwargs):
     _stats._record("torch", None, reason, detail)
-    return _original(*args, **kwargs)
+    return _call_torch(args, kwargs)
 
 
 def _router(*args, **kwargs):
     route = _active_route()
     if route is None:  # idle (an outer wrapper still holds us): PyTorch's function, unseen
-        return _original(*args, **kwargs)
+        return _call_torch(args, kwargs)
     try:
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, extra = _bind(*args, **kwargs)
     except TypeError as exc:  # PyTorch raises its own error for a call that does not fit its signature
