@@ -296,8 +296,8 @@ def parse_args(argv=None):
     parser.add_argument("--seqlens", nargs="+", type=int, metavar="N",
                         help="only these lengths (attention: L, decode: S; softmax: row length)")
     parser.add_argument("--kinds", nargs="+", metavar="KIND",
-                        help="only these workload kinds: standard padding bias gqa decode window softcap alibi (attention), "
-                             "plain masked causal (softmax)")
+                        help="only these workload kinds: standard padding bias gqa decode window softcap alibi "
+                             "(attention), plain masked causal (softmax)")
     parser.add_argument("--full", action="store_true",
                         help="every workload (bf16 and fp16, both head configs, 512..16k, all passes) on a GPU; "
                              "every Triton config in the static report")

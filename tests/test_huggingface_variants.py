@@ -267,8 +267,12 @@ def test_mask_builder_forms():
     # L = 1: a complete mask is (B, 1, 1, S), never 2-D, so the two forms stay apart
     assert lk_hf.mask_builder(**_mask_args(q_length=1, q_offset=3, kv_length=16)).shape == (2, 1, 1, 16)
     bidir = lk_hf.mask_builder(**_mask_args(mask_function=masking_utils.bidirectional_mask_function,
-                                            attention_mask=pad))
+                                            attention_mask=pad, allow_is_bidirectional_skip=True))
     assert bidir.shape == (2, 1, 1, 10) and torch.equal(bidir[:, 0, 0], pad)
+    # asked for a materialised mask (to concatenate it): transformers' full one
+    bidir = lk_hf.mask_builder(**_mask_args(mask_function=masking_utils.bidirectional_mask_function,
+                                            attention_mask=pad, allow_is_bidirectional_skip=False))
+    assert bidir.shape == (2, 1, 4, 10) and torch.equal(bidir[:, 0], pad[:, None, :].expand(2, 4, 10))
 
 
 class _Module(torch.nn.Module):

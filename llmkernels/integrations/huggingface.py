@@ -22,7 +22,8 @@ reading an ``L x S`` mask:
   ``attention_forward`` then applies ``is_causal`` with the bottom-right alignment (the last query sees the last
   key) and the model's ``sliding_window=W`` as ``window_size=(W - 1, 0)`` (transformers' window of W keys:
   ``kv > q - W``);
-* bidirectional (``bidirectional_mask_function``): a 4-D ``(B, 1, 1, S)`` key-padding mask;
+* bidirectional (``bidirectional_mask_function``) where the caller allows a skipped mask: a 4-D
+  ``(B, 1, 1, S)`` key-padding mask (complete: the pattern is the padding alone);
 * anything else (a static cache, whose ``S`` is its capacity; packed sequences; the overlays of vision models;
   any mask function not recognised here, or a caller that asks for a materialised mask): transformers' own
   full 4-D ``(B, 1, L, S)`` bool mask, which ``attention_forward`` applies as it is, with no causal rule or
@@ -204,14 +205,15 @@ def mask_builder(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
             pad = pad[:, kv_offset:kv_offset + kv_length].to(torch.bool)
             if pad.shape != (batch_size, kv_length):
                 pad = pad.expand(batch_size, kv_length)
-        if kind == "bidirectional":
-            # The pattern is the padding alone: a (B, 1, 1, S) mask is the complete mask, at any L.
+        if kind == "bidirectional" and kwargs.get("allow_is_bidirectional_skip", False):
+            # The pattern is the padding alone: a (B, 1, 1, S) mask is the complete mask, at any L. Only where
+            # the caller allows a skipped mask: one that asks for it materialised may concatenate it.
             if pad is None:
                 return torch.ones(batch_size, 1, 1, kv_length, dtype=torch.bool, device=kwargs.get("device", "cpu"))
             return pad[:, None, None, :]
         # The causal rule and the window are ours to apply bottom-right: exact when the queries are the last
         # q_length of the kv_length keys (absolute key j = kv_offset + j, query i = q_offset + i).
-        if allow_is_causal_skip and q_offset + q_length == kv_offset + kv_length:
+        if kind == "causal" and allow_is_causal_skip and q_offset + q_length == kv_offset + kv_length:
             if pad is None or bool(pad.all()):
                 return None
             return pad
