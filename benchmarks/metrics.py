@@ -7,7 +7,9 @@ Attention FLOPs follow FlashAttention's benchmark convention: the two matrix pro
 multiply-adds) and PV (L x S x Ev multiply-adds), 2 FLOPs per multiply-add, per batch and query head, i.e.
 ``4 * B * H * L * S * E`` when ``Ev == E``. Causal attention counts half of that when ``L == S`` (the convention;
 the exact share would be (L + 1) / 2L); when ``L != S`` it counts the visible (query, key) pairs exactly under
-top-left alignment. The backward counts 2.5 times the forward (five matrix products instead of two), forward +
+top-left alignment. With a sliding window (``window_size=(left, right)``, inclusive, -1 unbounded) the forward counts
+exactly the visible (query, key) pairs (``visible_pairs``), the work a kernel that skips hidden blocks must do
+at least. The backward counts 2.5 times the forward (five matrix products instead of two), forward +
 backward 3.5 times. The softmax, masking and scaling are not counted: they are not matrix work.
 
 Masked softmax bytes are the least any implementation must move (KERNELS.md): forward reads the input once,
@@ -36,6 +38,25 @@ def causal_visible_pairs(L: int, S: int) -> int:
     return S * (S + 1) // 2 + (L - S) * S
 
 
+def visible_pairs(L: int, S: int, causal: bool = False, window_left: int = -1, window_right: int = -1,
+                  bottom_right: bool = False) -> int:
+    """Exact number of (query i, key j) pairs, i < L and j < S, that the score rule leaves visible: with the
+    diagonal offset d (``S - L`` bottom-right, else 0), causal keeps ``j <= i + d`` and the window keeps
+    ``i + d - left <= j <= i + d + right`` (-1: that side unbounded). One term per query row."""
+    d = S - L if bottom_right else 0
+    total = 0
+    for i in range(L):
+        lo, hi = 0, S - 1
+        if window_left >= 0:
+            lo = max(lo, i + d - window_left)
+        if causal:
+            hi = min(hi, i + d)
+        if window_right >= 0:
+            hi = min(hi, i + d + window_right)
+        total += max(0, hi - lo + 1)
+    return total
+
+
 def causal_fraction(L: int, S: int) -> float:
     """Share of the L x S score matrix a causal attention computes: 1/2 when L == S (FlashAttention's
     convention), the exact visible share otherwise."""
@@ -45,12 +66,15 @@ def causal_fraction(L: int, S: int) -> float:
 
 
 def attention_flops(B: int, H: int, L: int, S: int, E: int, Ev: int | None = None, causal: bool = False,
-                    mode: str = "fwd") -> float:
-    """FLOPs of one attention call: B batches, H query heads, L queries, S keys, head dims E (QK) and Ev (V)."""
+                    mode: str = "fwd", window: tuple = (-1, -1), bottom_right: bool = False) -> float:
+    """FLOPs of one attention call: B batches, H query heads, L queries, S keys, head dims E (QK) and Ev (V);
+    ``window``: ``(left, right)`` as ``window_size``, counted over the visible pairs."""
     _check_mode(mode)
     Ev = E if Ev is None else Ev
     fwd = 2.0 * B * H * L * S * (E + Ev)  # QK^T and PV, 2 FLOPs per multiply-add
-    if causal:
+    if tuple(window) != (-1, -1):
+        fwd *= visible_pairs(L, S, causal, window[0], window[1], bottom_right) / (L * S)
+    elif causal:
         fwd *= causal_fraction(L, S)
     return fwd * ATTENTION_MODE_FACTOR[mode]
 

@@ -9,9 +9,10 @@ Attention:
   llmk-triton, llmk-cuda   llmkernels.scaled_dot_product_attention(..., backend="triton" / "cuda")
   sdpa-flash, sdpa-efficient, sdpa-cudnn, sdpa-math
                            torch.nn.functional.scaled_dot_product_attention with that backend forced through
-                           torch.nn.attention.sdpa_kernel
-  flex                     torch.nn.attention.flex_attention under torch.compile; causal and padding masks as a
-                           block mask, the float bias as a score_mod
+                           torch.nn.attention.sdpa_kernel; a sliding window or ALiBi as the materialised
+                           (1, 1, L, S) bool mask / (1, H, L, S) bias a user of SDPA builds (transformers' form)
+  flex                     torch.nn.attention.flex_attention under torch.compile; causal, sliding-window and
+                           padding masks as a block mask, the float bias, softcap (tanh) and ALiBi as a score_mod
   reference                llmkernels.reference.scaled_dot_product_attention: the classic einsum module's math,
                            in the input dtype (materialises L x S)
 Masked softmax:
@@ -63,7 +64,7 @@ def _import_error(module: str, path: str) -> Optional[str]:
 
 
 _BACKEND_MODULES = {
-    ("triton", "attention"): ("llmkernels.triton_kernels.attention", "llmkernels/triton_kernels/attention.py"),
+    ("triton", "attention"): ("llmkernels.triton_kernels.attention", "llmkernels/triton_kernels/attention/"),
     ("triton", "softmax"): ("llmkernels.triton_kernels.softmax", "llmkernels/triton_kernels/softmax.py"),
     ("cuda", "attention"): ("llmkernels.cuda_ext", "llmkernels/cuda_ext.py"),
     ("cuda", "softmax"): ("llmkernels.cuda_ext", "llmkernels/cuda_ext.py"),
@@ -103,13 +104,15 @@ def _llmk_attention(backend: str):
         from llmkernels import contract
 
         w = inp.workload
-        args = contract.check_attention(inp.q, inp.k, inp.v, inp.mask, 0.0, w.causal, None, inp.enable_gqa)
+        variant = inp.variant_kwargs()
+        args = contract.check_attention(inp.q, inp.k, inp.v, inp.mask, 0.0, w.causal, None, inp.enable_gqa,
+                                        **variant)
         reasons = llmkernels_reasons(backend, "attention", args)
         if reasons:
             raise Unavailable("; ".join(reasons))
         return Prepared(lambda: llmkernels.scaled_dot_product_attention(
             inp.q, inp.k, inp.v, attn_mask=inp.mask, is_causal=w.causal, enable_gqa=inp.enable_gqa,
-            backend=backend))
+            backend=backend, **variant))
     return prepare
 
 
@@ -123,9 +126,15 @@ def _sdpa(backend_name: str, cuda_only: bool):
         if cuda_only and inp.q.device.type != "cuda":
             raise Unavailable(f"SDPBackend.{backend_name} runs on CUDA only")
         w = inp.workload
+        if w.softcap > 0:
+            raise Unavailable("SDPA has no softcap (no form of tanh capping before the softmax)")
         gqa = {"enable_gqa": True} if inp.enable_gqa else {}
-        return Prepared(lambda: F.scaled_dot_product_attention(inp.q, inp.k, inp.v, attn_mask=inp.mask,
-                                                               is_causal=w.causal, **gqa),
+        # Sliding window and ALiBi: what a user of SDPA has, the materialised mask / bias (built once, untimed)
+        mask, causal = inp.materialised_mask(), w.causal
+        if mask is not inp.mask:
+            causal = False  # the materialised mask holds the causal rule too
+        return Prepared(lambda: F.scaled_dot_product_attention(inp.q, inp.k, inp.v, attn_mask=mask,
+                                                               is_causal=causal, **gqa),
                         context=lambda: sdpa_kernel([backend]))
     return prepare
 
@@ -139,6 +148,11 @@ def _flex(inp):
     mask_mods = []
     if w.causal:
         mask_mods.append(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx)  # top-left, as the contract
+    left, right = w.window
+    if left >= 0:
+        mask_mods.append(lambda b, h, q_idx, kv_idx: kv_idx >= q_idx - left)
+    if right >= 0:
+        mask_mods.append(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + right)
     if inp.lengths is not None:
         lengths = inp.lengths
         mask_mods.append(lambda b, h, q_idx, kv_idx: kv_idx < lengths[b])
@@ -147,11 +161,23 @@ def _flex(inp):
         batch = w.B if inp.lengths is not None else None  # the padding mask differs per sequence
         block_mask = create_block_mask(and_masks(*mask_mods), batch, None, w.L, w.S, device=inp.q.device)
     score_mod = None
+    if (w.mask == "bias") + (w.softcap > 0) + w.alibi > 1:
+        raise Unavailable("the suite's FlexAttention form takes one score_mod (bias, softcap or ALiBi)")
     if w.mask == "bias":
         bias = inp.mask
 
         def score_mod(score, b, h, q_idx, kv_idx):  # flex applies it to the scaled score, as the float mask
             return score + bias[0, h, q_idx, kv_idx]
+    elif w.softcap > 0:
+        cap = w.softcap
+
+        def score_mod(score, b, h, q_idx, kv_idx):  # Gemma 2's logit soft-capping of the scaled score
+            return cap * torch.tanh(score / cap)
+    elif w.alibi:
+        slopes = inp.alibi_slopes
+
+        def score_mod(score, b, h, q_idx, kv_idx):  # top-left distance, as the workload's alignment
+            return score - slopes[h] * (q_idx - kv_idx).abs()
     elif inp.mask is not None and inp.lengths is None:
         raise Unavailable(f"no FlexAttention form for mask kind {w.mask!r}")
     compiled = fresh_compile(flex_attention)
@@ -164,7 +190,8 @@ def _einsum_reference(inp):
 
     w = inp.workload
     return Prepared(lambda: llmkernels.reference.scaled_dot_product_attention(
-        inp.q, inp.k, inp.v, attn_mask=inp.mask, is_causal=w.causal, enable_gqa=inp.enable_gqa))
+        inp.q, inp.k, inp.v, attn_mask=inp.mask, is_causal=w.causal, enable_gqa=inp.enable_gqa,
+        **inp.variant_kwargs()))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def reference_outputs(inp, device: str):
     if hasattr(inp, "q"):
         if w.B * w.Hq * w.L * w.S > CHECK_MAX_ELEMENTS[device]:
             return None
-        kw = dict(is_causal=w.causal, enable_gqa=inp.enable_gqa)
+        kw = dict(is_causal=w.causal, enable_gqa=inp.enable_gqa, **inp.variant_kwargs())
         ref = reference.scaled_dot_product_attention(up(inp.q), up(inp.k), up(inp.v), up(inp.mask), **kw)
         naive = reference.scaled_dot_product_attention(inp.q, inp.k, inp.v, inp.mask, **kw)
     else:
@@ -296,8 +296,8 @@ def parse_args(argv=None):
     parser.add_argument("--seqlens", nargs="+", type=int, metavar="N",
                         help="only these lengths (attention: L, decode: S; softmax: row length)")
     parser.add_argument("--kinds", nargs="+", metavar="KIND",
-                        help="only these workload kinds: standard padding bias gqa decode (attention), "
-                             "plain masked causal (softmax)")
+                        help="only these workload kinds: standard padding bias gqa decode window softcap alibi "
+                             "(attention), plain masked causal (softmax)")
     parser.add_argument("--full", action="store_true",
                         help="every workload (bf16 and fp16, both head configs, 512..16k, all passes) on a GPU; "
                              "every Triton config in the static report")

@@ -4,7 +4,11 @@ Attention follows FlashAttention's benchmark convention: batch x seqlen = 16k to
 as 16 heads of 128 or 32 heads of 64, sequence lengths 512 to 16k, causal or not, forward / backward /
 forward + backward, bf16 and fp16. Four extra cases cover what the convention leaves out: a bool padding mask,
 a float bias (ALiBi-like, one per head), grouped-query attention (32 query heads over 8 key/value heads) and
-decode (one query against a long cache).
+decode (one query against a long cache). The attention variants (issue 14) get rows against the alternatives a
+user has: a sliding window of 4096 keys at L = 16k (causal, GQA 32/8, head dim 128), against SDPA with the
+materialised mask transformers builds and FlexAttention with a sliding-window block mask, its TFLOP/s counted
+over the visible pairs; softcap 50 (Gemma 2) against Flex with a tanh score_mod; ALiBi against SDPA with a
+materialised bias and Flex with a score_mod (both at the shape of the standard rows, to compare with them).
 
 Masked softmax: rows of 128 to 128k columns, the element count fixed (2**27 on a GPU: 256 MiB in bf16, four
 times the H200's L2) so every shape fills the machine; without mask, with a float mask broadcast over heads
@@ -34,9 +38,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 @dataclass(frozen=True)
 class AttentionWorkload:
     """One attention call: q (B, Hq, L, E), k/v (B, Hkv, S, E); ``mask`` "none", "padding" (bool (B, 1, 1, S),
-    keys past each sequence's length hidden) or "bias" (float (1, Hq, L, S), added to the scores)."""
+    keys past each sequence's length hidden) or "bias" (float (1, Hq, L, S), added to the scores); the
+    variants, top-left aligned: ``window`` as ``window_size`` (``(4095, 0)`` is transformers' window of 4096
+    keys), ``softcap``, ``alibi`` (slopes ``2^(-8(h+1)/Hq)``, shape (Hq,))."""
 
-    kind: str  # "standard", "padding", "bias", "gqa", "decode": groups rows for tables and plots
+    kind: str  # "standard", "padding", "bias", "gqa", "decode", "window", "softcap", "alibi": table/plot groups
     B: int
     Hq: int
     Hkv: int
@@ -47,15 +53,24 @@ class AttentionWorkload:
     mask: str
     mode: str
     dtype: str
+    window: tuple = (-1, -1)
+    softcap: float = 0.0
+    alibi: bool = False
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
     @property
+    def variant_text(self) -> str:
+        return ((f" window={self.window[0]},{self.window[1]}" if tuple(self.window) != (-1, -1) else "")
+                + (f" softcap={self.softcap:g}" if self.softcap else "") + (" alibi" if self.alibi else ""))
+
+    @property
     def label(self) -> str:
         heads = f"H={self.Hq}" if self.Hq == self.Hkv else f"Hq={self.Hq}/Hkv={self.Hkv}"
-        extra = (" causal" if self.causal else "") + ("" if self.mask == "none" else f" {self.mask}")
+        extra = ((" causal" if self.causal else "") + ("" if self.mask == "none" else f" {self.mask}")
+                 + self.variant_text)
         return f"{self.kind} {self.dtype} B={self.B} {heads} L={self.L} S={self.S} E={self.E}{extra} {self.mode}"
 
     @property
@@ -63,14 +78,16 @@ class AttentionWorkload:
         """Rows that differ only in sequence length share a group (one plot, one line per provider)."""
         heads = f"H{self.Hq}" if self.Hq == self.Hkv else f"Hq{self.Hq}-Hkv{self.Hkv}"
         return (f"attention_{self.kind}_{self.dtype}_{heads}_E{self.E}{'_causal' if self.causal else ''}"
-                f"{'' if self.mask == 'none' else '_' + self.mask}_{self.mode.replace('+', '')}")
+                f"{'' if self.mask == 'none' else '_' + self.mask}{self.variant_text.replace(' ', '_')}"
+                f"_{self.mode.replace('+', '')}")
 
     @property
     def x_value(self) -> int:
         return self.S if self.kind == "decode" else self.L
 
     def flops(self) -> float:
-        return metrics.attention_flops(self.B, self.Hq, self.L, self.S, self.E, self.E, self.causal, self.mode)
+        return metrics.attention_flops(self.B, self.Hq, self.L, self.S, self.E, self.E, self.causal, self.mode,
+                                       window=self.window)
 
     def make_inputs(self, device: str, seed: int = 0) -> "AttentionInputs":
         g = torch.Generator(device=device).manual_seed(seed)
@@ -99,7 +116,10 @@ class AttentionWorkload:
             mask = bias.unsqueeze(0).to(dt)
         elif self.mask != "none":
             raise ValueError(f"unknown attention mask kind {self.mask!r}")
-        return AttentionInputs(self, q, k, v, mask, lengths)
+        slopes = None
+        if self.alibi:
+            slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / self.Hq) for h in range(self.Hq)], device=device)
+        return AttentionInputs(self, q, k, v, mask, lengths, slopes)
 
 
 @dataclass
@@ -110,10 +130,46 @@ class AttentionInputs:
     v: torch.Tensor
     mask: Optional[torch.Tensor]  # as passed to the call (unexpanded)
     lengths: Optional[torch.Tensor] = None  # the padding mask as per-sequence key counts (FlexAttention's form)
+    alibi_slopes: Optional[torch.Tensor] = None  # (Hq,) float32
 
     @property
     def enable_gqa(self) -> bool:
         return self.workload.Hq != self.workload.Hkv
+
+    def variant_kwargs(self) -> dict:
+        """The variant arguments of llmkernels' call (and of the reference), only those that are set."""
+        w = self.workload
+        kw = {}
+        if tuple(w.window) != (-1, -1):
+            kw["window_size"] = tuple(w.window)
+        if w.softcap:
+            kw["softcap"] = w.softcap
+        if self.alibi_slopes is not None:
+            kw["alibi_slopes"] = self.alibi_slopes
+        return kw
+
+    def materialised_mask(self) -> Optional[torch.Tensor]:
+        """What a caller without a kernel for the window or ALiBi passes to SDPA: the window (and the causal
+        rule) as a bool (1, 1, L, S) mask, as transformers materialises it; ALiBi as a (1, Hq, L, S) bias in the
+        input dtype (with the causal rule as -inf). Without either: the workload's own mask."""
+        w = self.workload
+        if tuple(w.window) == (-1, -1) and not w.alibi:
+            return self.mask
+        if self.mask is not None:
+            raise ValueError("the suite materialises a window or ALiBi only for workloads without a mask")
+        dev = self.q.device
+        dist = torch.arange(w.L, device=dev)[:, None] - torch.arange(w.S, device=dev)[None, :]  # i - j
+        keep = torch.ones(w.L, w.S, dtype=torch.bool, device=dev)
+        if w.causal:
+            keep &= dist >= 0
+        if w.window[0] >= 0:
+            keep &= dist <= w.window[0]
+        if w.window[1] >= 0:
+            keep &= -dist <= w.window[1]
+        if not w.alibi:
+            return keep.view(1, 1, w.L, w.S)
+        bias = -self.alibi_slopes.view(-1, 1, 1) * dist.abs().float()
+        return bias.masked_fill(~keep, float("-inf")).unsqueeze(0).to(self.q.dtype)
 
     def mask_bytes(self) -> int:
         return 0 if self.mask is None else metrics.tensor_bytes(self.mask)
@@ -156,22 +212,44 @@ def _attention_extras(dtypes, modes, L: int, tokens: int, decode_S: int, H: int,
     return out
 
 
+def _attention_variants(dtypes, modes, window_L: int, window: int, L: int, tokens: int, H: int, E: int) -> list:
+    """The issue-14 rows: a sliding window of ``window`` keys at ``window_L`` (causal, GQA 2H/(H/2)), softcap
+    50 and ALiBi at the standard rows' shape (H heads, L, causal and not for softcap, causal for ALiBi)."""
+    out = []
+    for dtype in dtypes:
+        for mode in modes:
+            out += [
+                AttentionWorkload("window", max(1, tokens // window_L), 2 * H, H // 2, window_L, window_L, E, True,
+                                  "none", mode, dtype, window=(window - 1, 0)),
+                AttentionWorkload("softcap", max(1, tokens // L), H, H, L, L, E, False, "none", mode, dtype,
+                                  softcap=50.0),
+                AttentionWorkload("softcap", max(1, tokens // L), H, H, L, L, E, True, "none", mode, dtype,
+                                  softcap=50.0),
+                AttentionWorkload("alibi", max(1, tokens // L), H, H, L, L, E, True, "none", mode, dtype,
+                                  alibi=True),
+            ]
+    return out
+
+
 def attention_workloads(sweep: str) -> list:
     """``sweep``: "quick" (the default on a GPU), "full", "cpu" (small sizes for a machine without a GPU)."""
     if sweep == "quick":
         seqlens = [1024, 4096, 16384]
         return (_fa_convention(seqlens, [(16, 128)], ["bf16"], ["fwd"], [False, True], 16384)
                 + _fa_convention(seqlens, [(16, 128)], ["bf16"], ["bwd"], [True], 16384)
-                + _attention_extras(["bf16"], ["fwd"], 4096, 16384, 16384, 16, 128))
+                + _attention_extras(["bf16"], ["fwd"], 4096, 16384, 16384, 16, 128)
+                + _attention_variants(["bf16"], ["fwd", "bwd"], 16384, 4096, 4096, 16384, 16, 128))
     if sweep == "full":
         seqlens = [512, 1024, 2048, 4096, 8192, 16384]
         return (_fa_convention(seqlens, [(16, 128), (32, 64)], ["bf16", "fp16"], list(metrics.MODES),
                                [False, True], 16384)
-                + _attention_extras(["bf16", "fp16"], list(metrics.MODES), 4096, 16384, 16384, 16, 128))
+                + _attention_extras(["bf16", "fp16"], list(metrics.MODES), 4096, 16384, 16384, 16, 128)
+                + _attention_variants(["bf16", "fp16"], list(metrics.MODES), 16384, 4096, 4096, 16384, 16, 128))
     if sweep == "cpu":
         # fp32: CPU half-precision matmuls are emulated and not what anyone runs; hidden 256 = 4 heads of 64
         return (_fa_convention([128, 256], [(4, 64)], ["fp32"], ["fwd", "fwd+bwd"], [False, True], 512)
-                + _attention_extras(["fp32"], ["fwd"], 128, 512, 1024, 4, 64))
+                + _attention_extras(["fp32"], ["fwd"], 128, 512, 1024, 4, 64)
+                + _attention_variants(["fp32"], ["fwd"], 256, 64, 128, 512, 4, 64))
     if sweep == "tiny":  # pytest-benchmark in CI: odd sizes, seconds in total even in Triton's interpreter
         return [AttentionWorkload("standard", 1, 2, 2, 33, 33, 16, causal, "none", "fwd", "fp32")
                 for causal in (False, True)]

@@ -92,7 +92,7 @@ def test_gpu_sweeps_follow_flashattention_convention(sweep):
         assert w.B * w.L == 16384 and w.L == w.S, w.label  # 16k tokens
         assert w.Hq * w.E == 2048, w.label  # hidden 2048
     kinds = {w.kind for w in ws}
-    assert kinds == {"standard", "padding", "bias", "gqa", "decode"}
+    assert kinds == {"standard", "padding", "bias", "gqa", "decode", "window", "softcap", "alibi"}
     gqa = [w for w in ws if w.kind == "gqa"]
     assert all(w.Hq == 32 and w.Hkv == 8 for w in gqa)
     assert all(w.L == 1 and w.S >= 8192 for w in ws if w.kind == "decode")
@@ -221,3 +221,72 @@ def test_plots_one_png_per_group_with_at_least_two_lengths(tmp_path):
     assert [os.path.basename(p) for p in paths] == ["attention_a.png"]
     assert sorted(os.listdir(tmp_path)) == ["attention_a.png"]  # the stale plot is gone
     assert (tmp_path / "attention_a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _brute_visible_pairs(L, S, causal, left, right, bottom_right):
+    d = S - L if bottom_right else 0
+    i = torch.arange(L)[:, None] + d
+    j = torch.arange(S)[None, :]
+    keep = torch.ones(L, S, dtype=torch.bool)
+    if causal:
+        keep &= j <= i
+    if left >= 0:
+        keep &= j >= i - left
+    if right >= 0:
+        keep &= j <= i + right
+    return int(keep.sum())
+
+
+@pytest.mark.parametrize("L,S", [(1, 1), (1, 9), (9, 1), (17, 17), (17, 40), (40, 17)])
+@pytest.mark.parametrize("causal,left,right", [(False, -1, -1), (True, -1, -1), (True, 0, -1), (True, 4, -1),
+                                               (False, 3, 2), (False, -1, 0), (False, 0, 0), (False, 50, 50)])
+@pytest.mark.parametrize("bottom_right", [False, True])
+def test_visible_pairs_match_brute_force(L, S, causal, left, right, bottom_right):
+    assert (metrics.visible_pairs(L, S, causal, left, right, bottom_right)
+            == _brute_visible_pairs(L, S, causal, left, right, bottom_right))
+
+
+def test_window_flops_count_the_visible_pairs():
+    # 16k causal with a window of 4096 keys: about a quarter of full causal's work (4096 - 1/2 keys per row past
+    # the first 4095 rows), counted exactly
+    L, W = 16384, 4096
+    pairs = sum(min(i + 1, W) for i in range(L))  # row i sees keys max(0, i - W + 1) .. i
+    got = metrics.attention_flops(1, 32, L, L, 128, causal=True, window=(W - 1, 0))
+    assert got == 4.0 * 32 * pairs * 128
+    ratio = got / metrics.attention_flops(1, 32, L, L, 128, causal=True)
+    assert abs(ratio - pairs / (L * L / 2)) < 1e-12 and 0.43 < ratio < 0.44  # vs causal's L^2/2 convention
+
+
+def test_variant_rows_in_the_quick_sweep():
+    ws = workloads.attention_workloads("quick")
+    window = [w for w in ws if w.kind == "window"]
+    assert {w.mode for w in window} == {"fwd", "bwd"}
+    for w in window:
+        assert (w.L, w.S, w.Hq, w.Hkv, w.E, w.dtype, w.causal, w.window) == (16384, 16384, 32, 8, 128, "bf16",
+                                                                             True, (4095, 0))
+    assert {w.softcap for w in ws if w.kind == "softcap"} == {50.0}
+    assert any(w.alibi and w.causal for w in ws if w.kind == "alibi")
+    plain = {(w.B, w.Hq, w.L, w.E, w.causal, w.mode) for w in ws if w.kind == "standard"}
+    for w in ws:  # softcap and ALiBi rows have a plain row of the same shape to compare their cost with
+        if w.kind in ("softcap", "alibi") and w.mode == "fwd":
+            assert (w.B, w.Hq, w.L, w.E, w.causal, w.mode) in plain
+
+
+@pytest.mark.parametrize("kind", ["window", "alibi"])
+def test_materialised_mask_computes_the_variant(kind):
+    """SDPA's rows (the materialised mask / bias) compute what llmkernels' variant arguments do."""
+    from llmkernels import reference
+
+    w = workloads.AttentionWorkload(kind, 2, 4, 2, 37, 37, 16, True, "none", "fwd", "fp32",
+                                    window=(5, 0) if kind == "window" else (-1, -1), alibi=kind == "alibi")
+    inp = w.make_inputs("cpu")
+    q, k, v = (t.double() for t in (inp.q, inp.k, inp.v))
+    mask = inp.materialised_mask()
+    if mask.dtype != torch.bool:
+        mask = mask.double()
+    via_mask = reference.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True)
+    via_args = reference.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True,
+                                                      **inp.variant_kwargs())
+    torch.testing.assert_close(via_mask, via_args, rtol=1e-5, atol=1e-5)
+    plain = reference.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert (plain - via_args).abs().max() > 1e-3  # the variant matters at this size

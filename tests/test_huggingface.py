@@ -100,10 +100,9 @@ def test_logits_loss_and_gradients_match_sdpa(kv_heads, padding, device, kernel_
     assert len(kernel_calls) == LAYERS, "every layer's attention must run on llmkernels"
     q_shape, k_shape, mask_dtype, causal = kernel_calls[0]
     assert q_shape == (3, 4, 13, 16) and k_shape == (3, kv_heads, 13, 16)  # GQA read in place, not repeated
-    if padding == "none":
-        assert mask_dtype is None and causal is True  # transformers skips the mask: our causal flag does it
-    else:
-        assert mask_dtype == torch.bool and causal is False  # the padding+causal bool mask
+    # The mask builder gives no mask (no padding) or the key-padding mask; the causal rule is our flag.
+    assert causal is True
+    assert mask_dtype == (None if padding == "none" else torch.bool)
 
     (lo, lso, go), (lr, lsr, gr), (ln, lsn, gn) = results["ours"], results["ref"], results["naive"]
     keep = mask.bool()
@@ -174,8 +173,8 @@ def test_register_is_idempotent_and_names_are_registered():
     lk_hf.register("llmkernels_again")
     assert transformers.AttentionInterface._global_mapping["llmkernels"] is lk_hf.attention_forward
     assert transformers.AttentionInterface._global_mapping["llmkernels_again"] is lk_hf.attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    assert AttentionMaskInterface._global_mapping["llmkernels"] is sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
+    assert AttentionMaskInterface._global_mapping["llmkernels"] is lk_hf.mask_builder
 
 
 def test_top_level_register_helper(device, kernel_calls):

@@ -8,22 +8,52 @@
 transformers is an optional dependency (``pip install llmkernels[hf]``). ``register()`` puts ``attention_forward``
 into transformers' attention-function registry (``AttentionInterface``, transformers >= 4.48) and, where
 transformers builds masks per implementation (``AttentionMaskInterface``, transformers >= 4.53), registers
-transformers' own SDPA mask builder for the name: our op takes exactly what PyTorch's SDPA takes, a bool mask
-``(B, 1, L, S)`` with True = attend, or no mask plus ``is_causal``. A float (additive) mask, as older versions
-or custom 4-D masks give, works too.
+``mask_builder`` for the name.
 
-What the function does with a model's attention call, compared with transformers' "sdpa" path: grouped-query
-attention runs natively (``enable_gqa``: the key/value heads are read in place, never repeated in memory); the
-query/key/value tensors are read through their strides (the ``(B, L, H, D).transpose(1, 2)`` views the models
-make); rows whose keys are all masked (left padding) give 0, as PyTorch's SDPA does. The output is
-``(B, L, H, D)`` contiguous, as transformers expects. Attention weights are not returned (``output_attentions``
-needs the eager implementation), and a ``softcap`` (Gemma 2) is refused with an error.
+Masks: what reaches ``attention_forward``, and what it means
+-----------------------------------------------------------
+``mask_builder`` looks at the pattern transformers asks for. Where a compact form is EXACT it returns that form,
+so the kernel computes the causal rule and the window itself (skipping the key blocks they hide) instead of
+reading an ``L x S`` mask:
+
+* causal or sliding-window causal (``causal_mask_function``, ``sliding_window_causal_mask_function(W)``) with the
+  queries at the last ``L`` of the ``S`` keys (a dynamic or sliding-window cache, or no cache): ``None`` without
+  padding, else the 2-D ``(B, S)`` bool key-padding mask (True = attend), as transformers' flash-attention path.
+  ``attention_forward`` then applies ``is_causal`` with the bottom-right alignment (the last query sees the last
+  key) and the model's ``sliding_window=W`` as ``window_size=(W - 1, 0)`` (transformers' window of W keys:
+  ``kv > q - W``);
+* bidirectional (``bidirectional_mask_function``) where the caller allows a skipped mask: a 4-D
+  ``(B, 1, 1, S)`` key-padding mask (complete: the pattern is the padding alone);
+* anything else (a static cache, whose ``S`` is its capacity; packed sequences; the overlays of vision models;
+  any mask function not recognised here, or a caller that asks for a materialised mask): transformers' own
+  full 4-D ``(B, 1, L, S)`` bool mask, which ``attention_forward`` applies as it is, with no causal rule or
+  window of its own (the mask already holds them).
+
+So the number of dims tells the two apart, also at ``L = 1``: a 4-D mask (or any mask other than 2-D) is
+complete; ``None`` or a 2-D mask means "apply causality and the window bottom-right".
+
+Keywords transformers 5.x passes to attention functions (from the models' ``attention_interface(...)`` calls and
+``TransformersKwargs``) and what happens to each:
+
+* honoured: ``dropout``, ``scaling``, ``is_causal``, ``sliding_window``, ``softcap`` (Gemma 2), ``s_aux`` /
+  ``sinks`` (GPT-OSS attention sinks; differentiable), ``position_bias`` (an additive bias, T5-style);
+* no effect on the result: ``output_attentions`` (warned once: weights are not returned, use ``eager``),
+  ``output_hidden_states``, ``output_router_logits``, ``num_items_in_batch``, ``position_ids`` (transformers
+  derives the packed-sequence mask from them itself), ``deterministic``, ``use_cache``, ``cache_position``;
+* ``cu_seq_lens_q/k``, ``max_length_q/k``, ``seq_idx`` (packed sequences): accepted only with a complete 4-D
+  mask (transformers builds it from the same ``position_ids``), refused otherwise;
+* refused with an error: ``indices`` / ``block_indices`` (sparse attention), a ``head_mask``, and any other
+  keyword that is not None, since it might change what attention computes.
+
+Other properties, compared with transformers' "sdpa" path: grouped-query attention runs natively (the key/value
+heads are read in place, never repeated); query/key/value are read through their strides; rows whose keys are all
+hidden (left padding) give 0, as PyTorch's SDPA does. The output is ``(B, L, H, D)`` contiguous.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -35,65 +65,176 @@ except ImportError as exc:  # the optional extra is missing: say how to get it
     raise ImportError("llmkernels.integrations.huggingface needs transformers: pip install 'llmkernels[hf]' "
                       "(or pip install transformers)") from exc
 
-__all__ = ["NAME", "attention_forward", "register"]
+__all__ = ["NAME", "attention_forward", "mask_builder", "register"]
 
 NAME = "llmkernels"
 _log = logging.getLogger(__name__)
 _warned_attentions = False
 
+# Keywords that do not change the attention result (see the module docstring).
+_NO_EFFECT = frozenset({"output_attentions", "output_hidden_states", "output_router_logits", "num_items_in_batch",
+                        "position_ids", "deterministic", "use_cache", "cache_position"})
+# Packed-sequence descriptions: only the complete mask transformers builds from position_ids honours them.
+_PACKING = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+
+def _window_keys(value, name: str) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"attn_implementation='llmkernels': {name} must be None or an int >= 1 (a window of that "
+                         f"many keys), got {value!r}")
+    return value
+
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
-                      is_causal: Optional[bool] = None, **kwargs):
+                      is_causal: Optional[bool] = None, sliding_window: Optional[int] = None,
+                      softcap: Optional[float] = None, s_aux: Optional[torch.Tensor] = None,
+                      position_bias: Optional[torch.Tensor] = None, **kwargs):
     """transformers' attention-function interface: query ``(B, Hq, L, D)``, key/value ``(B, Hkv, S, D)``;
     returns ``(output (B, L, Hq, Dv) contiguous, None)``.
 
-    ``attention_mask``: None, a bool mask (True = attend) or an additive float mask, broadcastable to
-    ``(B, Hq, L, S)``. ``is_causal``: the model's causality (default ``module.is_causal``, else True); it is used
-    only when there is no mask and more than one query, as transformers' SDPA path does (the mask, when given,
-    already holds the causal pattern; a single decoding query sees every cached key).
+    ``attention_mask``: a complete mask (4-D, or any shape other than 2-D: bool with True = attend, or additive
+    float) applied as it is; or ``None`` / a 2-D ``(B, S)`` key-padding mask from ``mask_builder``, with which the
+    causal rule (``is_causal``, default ``module.is_causal``, else True) and ``sliding_window`` apply
+    bottom-right. ``softcap``: Gemma 2's logit soft-capping. ``s_aux`` (or ``sinks``): attention sinks ``(Hq,)``.
     """
     global _warned_attentions
-    if kwargs.get("softcap") is not None:
-        raise ValueError("attn_implementation='llmkernels' does not support softcap (logit soft-capping); use "
-                         "'eager' for this model")
+    sinks = kwargs.pop("sinks", None)
+    if sinks is not None and s_aux is not None:
+        raise ValueError("attn_implementation='llmkernels': got both s_aux and sinks; pass one")
+    sinks = s_aux if s_aux is not None else sinks
+    for name in ("indices", "block_indices", "head_mask"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"attn_implementation='llmkernels' does not support {name} (it changes what attention "
+                             "computes); use 'eager' or 'sdpa' for this model")
+    unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in _NO_EFFECT and k not in _PACKING)
+    if unknown:
+        raise ValueError(f"attn_implementation='llmkernels' got keyword(s) it does not know: {', '.join(unknown)}; "
+                         "they might change what attention computes, so they are not dropped")
     if kwargs.get("output_attentions", False) and not _warned_attentions:
         _warned_attentions = True
         _log.warning("attn_implementation='llmkernels' does not return attention weights (output_attentions); "
                      "use 'eager' for them")
-    position_bias = kwargs.get("position_bias")
+    window = _window_keys(sliding_window, "sliding_window")
+    complete = attention_mask is not None and attention_mask.dim() != 2
+    packed = [k for k in _PACKING if kwargs.get(k) is not None]
+    if packed and not complete:
+        raise ValueError(f"attn_implementation='llmkernels' got {packed[0]} (packed sequences) without the complete "
+                         "4-D mask that separates them; let transformers build the mask from position_ids")
+    cap = 0.0 if softcap is None else float(softcap)
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
-    q_len = query.shape[2]
-    is_causal = bool(is_causal) and attention_mask is None and q_len > 1
+    is_causal = bool(is_causal)
+    B, S = query.shape[0], key.shape[2]
+    mask = attention_mask
+    window_size = (-1, -1)
+    if complete:
+        is_causal = False  # the mask holds the causal rule and the window in absolute positions
+    else:
+        if mask is not None:
+            if not is_causal:
+                raise ValueError("attn_implementation='llmkernels': a 2-D key-padding attention_mask comes from the "
+                                 "causal mask builder, but this attention call is not causal (is_causal=False)")
+            if tuple(mask.shape) != (B, S) or mask.dtype != torch.bool:
+                raise ValueError(f"attn_implementation='llmkernels': a 2-D attention_mask must be the bool key-padding "
+                                 f"mask (B, S) = {(B, S)}, got {tuple(mask.shape)} {mask.dtype}")
+            mask = mask[:, None, None, :]
+        if window is not None:
+            if not is_causal:
+                raise ValueError("attn_implementation='llmkernels': sliding_window without a complete 4-D mask is "
+                                 "defined here only for causal attention")
+            window_size = (window - 1, 0)
     if position_bias is not None:
-        # An additive bias per head (T5-style models): fold it into the mask, as transformers' SDPA path does.
+        # An additive bias per head (T5-style models): the mask, if any, is folded into it.
         bias = position_bias
-        if attention_mask is not None:
-            bias = (bias.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool
-                    else bias + attention_mask)
-        elif is_causal:
-            S = key.shape[2]
-            keep = torch.ones(q_len, S, dtype=torch.bool, device=query.device).tril()
-            bias = bias.masked_fill(~keep, float("-inf"))
-        attention_mask, is_causal = bias, False
-    out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=float(dropout),
-                                       is_causal=is_causal, scale=scaling,
-                                       enable_gqa=query.shape[1] != key.shape[1])
+        if mask is not None:
+            bias = (bias.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else bias + mask)
+        mask = bias
+    out = scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=float(dropout),
+                                       is_causal=is_causal, scale=scaling, enable_gqa=query.shape[1] != key.shape[1],
+                                       window_size=window_size,
+                                       causal_alignment="bottom_right" if is_causal or window is not None else None,
+                                       softcap=cap, sinks=sinks)
     return out.transpose(1, 2).contiguous(), None
 
 
+def _closure(fn: Callable) -> dict:
+    code = getattr(fn, "__code__", None)
+    cells = getattr(fn, "__closure__", None) or ()
+    if code is None or len(code.co_freevars) != len(cells):
+        return {}
+    return dict(zip(code.co_freevars, (c.cell_contents for c in cells)))
+
+
+def _causal_window(mask_function: Callable):
+    """``("causal", None)``, ``("causal", W)`` or ``("bidirectional", None)`` for the mask functions of
+    transformers that have a compact form; None for any other. Recognised by identity and by the code object of
+    transformers' own factories (their closures share it), so a look-alike function never matches."""
+    from transformers import masking_utils as mu
+    if mask_function is mu.causal_mask_function:
+        return ("causal", None)
+    if mask_function is mu.bidirectional_mask_function:
+        return ("bidirectional", None)
+    if getattr(mask_function, "__code__", None) is mu.and_masks(mu.causal_mask_function).__code__:
+        parts = _closure(mask_function).get("mask_functions")
+        if isinstance(parts, tuple) and len(parts) == 2 and parts[1] is mu.causal_mask_function:
+            overlay = parts[0]
+            if getattr(overlay, "__code__", None) is mu.sliding_window_overlay(1).__code__:
+                w = _closure(overlay).get("sliding_window")
+                if isinstance(w, int) and not isinstance(w, bool) and w >= 1:
+                    return ("causal", w)
+    return None
+
+
+def mask_builder(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
+                 mask_function: Optional[Callable] = None, attention_mask: Optional[torch.Tensor] = None,
+                 allow_is_causal_skip: bool = True, **kwargs):
+    """transformers' mask-builder interface (``AttentionMaskInterface``): see the module docstring for what it
+    returns. ``attention_mask`` is the 2-D padding mask over the ``kv_offset + kv_length`` positions seen."""
+    from transformers import masking_utils as mu
+    if mask_function is None:
+        mask_function = mu.causal_mask_function
+    pattern = _causal_window(mask_function)
+    offsets_known = all(isinstance(o, int) and not isinstance(o, bool) for o in (q_offset, kv_offset))
+    if pattern is not None and offsets_known and not kwargs.get("use_vmap", False):
+        kind, _ = pattern
+        pad = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset)
+        if pad is not None:
+            pad = pad[:, kv_offset:kv_offset + kv_length].to(torch.bool)
+            if pad.shape != (batch_size, kv_length):
+                pad = pad.expand(batch_size, kv_length)
+        if kind == "bidirectional" and kwargs.get("allow_is_bidirectional_skip", False):
+            # The pattern is the padding alone: a (B, 1, 1, S) mask is the complete mask, at any L. Only where
+            # the caller allows a skipped mask: one that asks for it materialised may concatenate it.
+            if pad is None:
+                return torch.ones(batch_size, 1, 1, kv_length, dtype=torch.bool, device=kwargs.get("device", "cpu"))
+            return pad[:, None, None, :]
+        # The causal rule and the window are ours to apply bottom-right: exact when the queries are the last
+        # q_length of the kv_length keys (absolute key j = kv_offset + j, query i = q_offset + i).
+        if kind == "causal" and allow_is_causal_skip and q_offset + q_length == kv_offset + kv_length:
+            if pad is None or bool(pad.all()):
+                return None
+            return pad
+    # transformers' own complete mask, never skipped (None would mean "apply the causal rule" to us).
+    kwargs.pop("allow_is_bidirectional_skip", None)
+    return mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                        kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                        allow_is_causal_skip=False, allow_is_bidirectional_skip=False, **kwargs)
+
+
 def register(name: str = NAME) -> None:
-    """Register ``attention_forward`` (and the SDPA mask builder) under ``name`` with transformers."""
+    """Register ``attention_forward`` (and ``mask_builder``) under ``name`` with transformers."""
     interface = getattr(transformers, "AttentionInterface", None)
     if interface is None:
         from transformers.modeling_utils import AttentionInterface as interface  # noqa: N813
     interface.register(name, attention_forward)
     try:
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    except ImportError:  # transformers < 4.53 builds the 4-D mask in each model; it reaches us as a float mask
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError:  # transformers < 4.53 builds the 4-D mask in each model; it reaches us as a complete mask
         return
-    AttentionMaskInterface.register(name, sdpa_mask)
+    AttentionMaskInterface.register(name, mask_builder)
 
 
 register()
