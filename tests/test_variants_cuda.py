@@ -240,3 +240,15 @@ def test_rule_arguments_are_checked_by_the_op(target):
         op(*plain, -1, -1, False, 0.0, None, torch.ones(2, device=target, dtype=torch.bfloat16), out, lse)
     with pytest.raises(RuntimeError, match="sinks must have shape"):
         op(*plain, -1, -1, False, 0.0, None, torch.ones(3, device=target), out, lse)
+
+
+@pytest.mark.parametrize("dt", ["fp32", "bf16"])
+def test_alibi_far_from_every_key_keeps_the_row_sum(target, dt):
+    """Bottom-right with L > S and no causal mask: row i's nearest key is L - S - i away, so steep ALiBi slopes give
+    lse ~ -slope * 56 ~ -5600, where a float32 lse no longer holds the row sum (kCoarseLse). The backward then takes
+    those rows' max and sum from the forward's statistics pass instead of exp(s - lse)."""
+    L, S = 60, 4
+    q, k, v, gen = _inputs(1, 2, 1, L, S, 16, 16, DTYPES[dt], target, seed=13)
+    slopes = torch.tensor([100.0, 0.5], device=target)
+    out, lse, _ = check_rule_cuda(q, k, v, alibi_slopes=slopes, causal_alignment="bottom_right", seed=2)
+    assert lse[0, 0, 0] < -5000 and torch.isfinite(lse).all()

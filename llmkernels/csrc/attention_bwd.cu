@@ -1,7 +1,8 @@
 // Attention backward, FlashAttention-2 structure: one block per (batch, key/value head, BN keys). The K and V
 // tiles stay in shared memory; the block walks over every query head of its GQA group and every tile of BM query
-// rows, recomputes P from the saved log-sum-exp (P = weight(S, lse), see ScoreUnits; with a float mask, rows whose
-// float32 lse is too coarse to hold the row sum take their max and sum from the forward kernel's statistics mode), and
+// rows, recomputes P from the saved log-sum-exp (P = weight(S, lse), see ScoreUnits; with a float mask or ALiBi, rows
+// whose float32 lse is too coarse to hold the row sum take their max and sum from the forward kernel's statistics
+// mode), and
 //   dV += Pd^T dO          (Pd: P with dropout applied and scaled by 1/(1-p))
 //   dP  = (dO V^T) * keep / (1-p)
 //   dS  = P * (dP - delta)   (delta = rowsum(dO * O) - grad_lse, from the delta kernel below)

@@ -338,11 +338,12 @@ void attention_backward(const Tensor& grad_out, const Tensor& q, const Tensor& k
   C10_CUDA_CHECK(llmk::launch_attn_bwd_delta(dp, in.dtype, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  // With a float mask, rows whose lse is too coarse to hold their sum (kCoarseLse) get their max and 1 / sum from
-  // the forward kernel's statistics mode (the same m and l the forward computed; no output, no dropout: l counts
-  // every weight). Tiles without such a row only copy the lse, so the pass costs little where it is not needed.
+  // With a float mask or ALiBi (rows far from every key: lse ~ -slope * distance), rows whose lse is too coarse to
+  // hold their sum (kCoarseLse) get their max and 1 / sum from the forward kernel's statistics mode (the same m and l
+  // the forward computed; no output, no dropout: l counts every weight). Tiles without such a row only copy the lse,
+  // so the pass costs little where it is not needed.
   Tensor row_ref, row_inv_l;
-  if (in.mask_kind != llmk::MASK_NONE && in.mask_kind != llmk::MASK_BOOL) {
+  if ((in.mask_kind != llmk::MASK_NONE && in.mask_kind != llmk::MASK_BOOL) || alibi_slopes.has_value()) {
     row_ref = at::empty({n.B, n.Hq, n.L}, q.options().dtype(at::kFloat));
     row_inv_l = at::empty({n.B, n.Hq, n.L}, q.options().dtype(at::kFloat));
     const Tensor lse_c = lse.contiguous();

@@ -111,8 +111,8 @@ struct AttnBwdParams {
   bool natural;         // as in AttnFwdParams
   float scale;          // natural units, for dQ and dK
   float score_scale;    // as in AttnFwdParams
-  // With a float mask: per-row reference and 1 / l from the forward kernel's statistics mode; P = weight(s, ref) *
-  // inv_l. Null: ref = from_lse(lse), inv_l = 1.
+  // With a float mask or ALiBi: per-row reference and 1 / l from the forward kernel's statistics mode;
+  // P = weight(s, ref) * inv_l. Null: ref = from_lse(lse), inv_l = 1.
   const float* row_ref;
   const float* row_inv_l;
   float dropout_p;
