@@ -158,13 +158,15 @@ def _register_fakes() -> None:
     lib = "llmkernels_cuda::"
 
     @torch.library.register_fake(lib + "attention_forward")
-    def _(q, k, v, mask, dropout_p, is_causal, scale, rng_state, out, lse):
+    def _(q, k, v, mask, dropout_p, is_causal, scale, rng_state, window_left, window_right, bottom_right, softcap,
+          alibi_slopes, sinks, out, lse):
         out_shape, lse_shape = attention_output_shapes(q, v)
         _expect("out", out, out_shape, q.dtype)
         _expect("lse", lse, lse_shape, torch.float32)
 
     @torch.library.register_fake(lib + "attention_backward")
-    def _(grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state, dq, dk, dv, dmask):
+    def _(grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state, window_left,
+          window_right, bottom_right, softcap, alibi_slopes, sinks, dq, dk, dv, dmask):
         for name, grad, t in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
             _expect(name, grad, t.shape, t.dtype)
         if dmask is not None:
@@ -212,6 +214,9 @@ def attention_reasons(args) -> list:
         reasons.append(f"head dims up to {MAX_HEAD_DIM}, got E={E}, Ev={Ev}")
     if mask is not None and mask.dtype not in _MASK_DTYPES:
         reasons.append(f"mask dtype {mask.dtype} is not supported (bool, float16, bfloat16, float32, float64)")
+    slopes = args.rule.alibi_slopes
+    if slopes is not None and slopes.dtype != torch.float32:
+        reasons.append(f"alibi_slopes must be float32, got {slopes.dtype}")
     cc = torch.cuda.get_device_capability(q.device)
     if cc < (8, 0):
         reasons.append(f"needs compute capability 8.0 or newer (mma.sync), {q.device} has {cc[0]}.{cc[1]}")
@@ -219,7 +224,8 @@ def attention_reasons(args) -> list:
         reasons.append(f"the extension is built for sm_{cuda_build.cuda_archs()} (set "
                        f"{cuda_build.ARCH_ENV}), which cannot run on compute capability {cc[0]}.{cc[1]}")
     B, Hq, L, _ = q.shape
-    for name, value in (("B", B), ("Hq", Hq), ("L", L), ("S", k.shape[2]), ("B*Hq*L", B * Hq * L)):
+    S = k.shape[2]
+    for name, value in (("B", B), ("Hq", Hq), ("L", L), ("S", S), ("B*Hq*L", B * Hq * L), ("L+S", L + S)):
         if value > 2**31 - 1:
             reasons.append(f"{name} = {value} exceeds 2^31 - 1")
     if not reasons:
@@ -237,16 +243,25 @@ def _ops():
     return getattr(torch.ops, OPS_NAMESPACE)
 
 
-def attention_forward(q, k, v, mask, dropout_p, is_causal, scale, rng_state):
+def _rule_args(rule) -> tuple:
+    """The op arguments of a canonical contract.ScoreRule: window_left, window_right, bottom_right, softcap,
+    alibi_slopes (B, Hq) float32, sinks (Hq,) (detached: the kernels only read it; ops.py owns its gradient)."""
+    sinks = rule.sinks.detach().contiguous() if rule.sinks is not None else None
+    return (int(rule.window_left), int(rule.window_right), bool(rule.bottom_right), float(rule.softcap),
+            rule.alibi_slopes, sinks)
+
+
+def attention_forward(q, k, v, mask, dropout_p, is_causal, scale, rng_state, rule):
     out_shape, lse_shape = attention_output_shapes(q, v)
     out = new_output(out_shape, q.dtype, q.device)
     lse = new_output(lse_shape, torch.float32, q.device)
-    _ops().attention_forward(q, k, v, mask, float(dropout_p), bool(is_causal), float(scale), rng_state, out, lse)
+    _ops().attention_forward(q, k, v, mask, float(dropout_p), bool(is_causal), float(scale), rng_state,
+                             *_rule_args(rule), out, lse)
     return out, lse
 
 
 def attention_backward(grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state,
-                       mask_needs_grad):
+                       mask_needs_grad, rule):
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
@@ -254,7 +269,7 @@ def attention_backward(grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, i
     if mask_needs_grad:
         dmask = new_output((*q.shape[:3], k.shape[2]), torch.float32, q.device)
     _ops().attention_backward(grad_out, q, k, v, out, lse, grad_lse, mask, float(dropout_p), bool(is_causal),
-                              float(scale), rng_state, dq, dk, dv, dmask)
+                              float(scale), rng_state, *_rule_args(rule), dq, dk, dv, dmask)
     return dq, dk, dv, dmask
 
 

@@ -176,8 +176,6 @@ class CudaBackend:
         if not reasons:
             from . import cuda_ext
             reasons += cuda_ext.attention_reasons(a)
-        if a.rule.active:
-            reasons.append(RULE_NOT_SUPPORTED)
         return reasons
 
     def softmax_reasons(self, a: SoftmaxArgs) -> list:
@@ -185,15 +183,13 @@ class CudaBackend:
 
     def attention_forward(self, q, k, v, mask, dropout_p, is_causal, scale, rng_state, rule):
         from . import cuda_ext
-        _without_rule(self.name, rule)
-        return cuda_ext.attention_forward(q, k, v, mask, dropout_p, is_causal, scale, rng_state)
+        return cuda_ext.attention_forward(q, k, v, mask, dropout_p, is_causal, scale, rng_state, rule)
 
     def attention_backward(self, grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state,
                            mask_needs_grad, rule):
         from . import cuda_ext
-        _without_rule(self.name, rule)
         return cuda_ext.attention_backward(grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, is_causal, scale,
-                                           rng_state, mask_needs_grad)
+                                           rng_state, mask_needs_grad, rule)
 
     def softmax_forward(self, *args):
         from . import cuda_ext

@@ -43,12 +43,14 @@ def ext():
 
 EXPECTED_SCHEMAS = {
     "attention_forward": "llmkernels_cuda::attention_forward(Tensor q, Tensor k, Tensor v, Tensor? mask, "
-                         "float dropout_p, bool is_causal, float scale, Tensor? rng_state, Tensor(a!) out, "
-                         "Tensor(b!) lse) -> ()",
+                         "float dropout_p, bool is_causal, float scale, Tensor? rng_state, int window_left, "
+                         "int window_right, bool bottom_right, float softcap, Tensor? alibi_slopes, Tensor? sinks, "
+                         "Tensor(a!) out, Tensor(b!) lse) -> ()",
     "attention_backward": "llmkernels_cuda::attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
                           "Tensor out, Tensor lse, Tensor? grad_lse, Tensor? mask, float dropout_p, bool is_causal, "
-                          "float scale, Tensor? rng_state, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, "
-                          "Tensor(d!)? dmask) -> ()",
+                          "float scale, Tensor? rng_state, int window_left, int window_right, bool bottom_right, "
+                          "float softcap, Tensor? alibi_slopes, Tensor? sinks, Tensor(a!) dq, Tensor(b!) dk, "
+                          "Tensor(c!) dv, Tensor(d!)? dmask) -> ()",
     "masked_softmax_forward": "llmkernels_cuda::masked_softmax_forward(Tensor x, Tensor? mask, float scale, "
                               "bool is_causal, Tensor(a!) y) -> ()",
     "masked_softmax_backward": "llmkernels_cuda::masked_softmax_backward(Tensor grad_y, Tensor y, float scale, "
@@ -79,22 +81,26 @@ def test_module_reports_configs(ext):
     assert [ext.softmax_variant(n) for n in (1, 256, 257, 512, 513, 4096, 4097, 10**9)] == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
+NO_RULE = (-1, -1, False, 0.0, None, None)  # the rule arguments of a plain attention
+
+
 def test_fake_implementations_check_shapes(ext):
     """The fakes run under meta tensors (no GPU) and reject outputs of the wrong shape."""
     meta = dict(device="meta", dtype=torch.bfloat16)
     q, k, v = torch.empty(2, 4, 17, 40, **meta), torch.empty(2, 2, 9, 40, **meta), torch.empty(2, 2, 9, 24, **meta)
     out, lse = torch.empty(2, 4, 17, 24, **meta), torch.empty(2, 4, 17, device="meta")
-    torch.ops.llmkernels_cuda.attention_forward(q, k, v, None, 0.0, True, 0.3, None, out, lse)
+    torch.ops.llmkernels_cuda.attention_forward(q, k, v, None, 0.0, True, 0.3, None, *NO_RULE, out, lse)
     with pytest.raises(ValueError, match="out must be"):
-        torch.ops.llmkernels_cuda.attention_forward(q, k, v, None, 0.0, True, 0.3, None, out[..., :5], lse)
+        torch.ops.llmkernels_cuda.attention_forward(q, k, v, None, 0.0, True, 0.3, None, *NO_RULE, out[..., :5],
+                                                    lse)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     mask = torch.empty(2, 4, 17, 9, device="meta")
     dmask = torch.empty(2, 4, 17, 9, device="meta")
-    torch.ops.llmkernels_cuda.attention_backward(out, q, k, v, out, lse, None, mask, 0.0, False, 0.3, None, dq, dk,
-                                                 dv, dmask)
+    torch.ops.llmkernels_cuda.attention_backward(out, q, k, v, out, lse, None, mask, 0.0, False, 0.3, None, *NO_RULE,
+                                                 dq, dk, dv, dmask)
     with pytest.raises(ValueError, match="dk must be"):
-        torch.ops.llmkernels_cuda.attention_backward(out, q, k, v, out, lse, None, None, 0.0, False, 0.3, None, dq,
-                                                     dq, dv, None)
+        torch.ops.llmkernels_cuda.attention_backward(out, q, k, v, out, lse, None, None, 0.0, False, 0.3, None,
+                                                     *NO_RULE, dq, dq, dv, None)
     x = torch.empty(3, 1, 5, 7, **meta)
     torch.ops.llmkernels_cuda.masked_softmax_forward(x, None, 1.0, False, torch.empty_like(x))
     with pytest.raises(ValueError, match="y must be"):
@@ -394,16 +400,17 @@ def test_attention_errors_name_the_argument(target):
     q, k, v = _inputs(1, 2, 2, 5, 6, 8, 8, torch.float16, target)
     out, lse = torch.empty(1, 2, 5, 8, device=target, dtype=torch.float16), torch.empty(1, 2, 5, device=target)
     with pytest.raises(RuntimeError, match="lse must be"):
-        op(q, k, v, None, 0.0, False, 1.0, None, out, lse.half())
+        op(q, k, v, None, 0.0, False, 1.0, None, *NO_RULE, out, lse.half())
     with pytest.raises(RuntimeError, match="mask must have shape"):
-        op(q, k, v, torch.ones(1, 2, 5, 5, dtype=torch.bool, device=target), 0.0, False, 1.0, None, out, lse)
+        op(q, k, v, torch.ones(1, 2, 5, 5, dtype=torch.bool, device=target), 0.0, False, 1.0, None, *NO_RULE, out,
+           lse)
     with pytest.raises(RuntimeError, match="rng_state"):
-        op(q, k, v, None, 0.1, False, 1.0, None, out, lse)
+        op(q, k, v, None, 0.1, False, 1.0, None, *NO_RULE, out, lse)
     with pytest.raises(RuntimeError, match="must share one dtype"):
-        op(q, k.float(), v, None, 0.0, False, 1.0, None, out, lse)
+        op(q, k.float(), v, None, 0.0, False, 1.0, None, *NO_RULE, out, lse)
     big = torch.zeros(1, 2, 5, 300, device=target, dtype=torch.float16)
     with pytest.raises(RuntimeError, match="head dims"):
-        op(big, big, v[:, :, :5], None, 0.0, False, 1.0, None, out, lse)
+        op(big, big, v[:, :, :5], None, 0.0, False, 1.0, None, *NO_RULE, out, lse)
     if target == "cuda":
         a = llmkernels.contract.check_attention(*_inputs(1, 1, 1, 3, 3, 300, 8, torch.float16, target))
         assert any("head dims up to 256" in r for r in cuda_ext.attention_reasons(a))
@@ -414,7 +421,7 @@ def test_opcheck(ext):
     q, k, v = _inputs(1, 2, 1, 19, 23, 40, 24, torch.bfloat16, "cuda")
     out, lse = torch.empty(1, 2, 19, 24, device="cuda", dtype=torch.bfloat16), torch.empty(1, 2, 19, device="cuda")
     torch.library.opcheck(torch.ops.llmkernels_cuda.attention_forward.default,
-                          (q, k, v, None, 0.0, True, 0.2, None, out, lse))
+                          (q, k, v, None, 0.0, True, 0.2, None, *NO_RULE, out, lse))
     x = torch.randn(2, 3, 5, 300, device="cuda", dtype=torch.float16)
     torch.library.opcheck(torch.ops.llmkernels_cuda.masked_softmax_forward.default,
                           (x, None, 0.5, True, torch.empty_like(x)))

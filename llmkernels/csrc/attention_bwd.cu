@@ -1,7 +1,8 @@
 // Attention backward, FlashAttention-2 structure: one block per (batch, key/value head, BN keys). The K and V
 // tiles stay in shared memory; the block walks over every query head of its GQA group and every tile of BM query
-// rows, recomputes P from the saved log-sum-exp (P = weight(S, lse), see ScoreUnits; with a float mask, rows whose
-// float32 lse is too coarse to hold the row sum take their max and sum from the forward kernel's statistics mode), and
+// rows, recomputes P from the saved log-sum-exp (P = weight(S, lse), see ScoreUnits; with a float mask or ALiBi, rows
+// whose float32 lse is too coarse to hold the row sum take their max and sum from the forward kernel's statistics
+// mode), and
 //   dV += Pd^T dO          (Pd: P with dropout applied and scaled by 1/(1-p))
 //   dP  = (dO V^T) * keep / (1-p)
 //   dS  = P * (dP - delta)   (delta = rowsum(dO * O) - grad_lse, from the delta kernel below)
@@ -92,6 +93,7 @@ attn_bwd_kernel(const AttnBwdParams p) {
   const int warp = threadIdx.x >> 5;
   const int E16 = round_up(n.E, 16), Ev16 = round_up(n.Ev, 16);
   const ScoreUnits units{p.natural};
+  const AttnRule& rule = p.rule;
 
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
@@ -109,9 +111,10 @@ attn_bwd_kernel(const AttnBwdParams p) {
     seed = static_cast<uint64_t>(p.rng[0]);
     offset = static_cast<uint64_t>(p.rng[1]);
   }
-  // Causal: query rows i < n0 see none of this block's keys, so query tiles ending before n0 are skipped, unless
-  // dS must be written for every element.
-  const int m_begin = (p.causal && p.dmask == nullptr) ? (n0 / BM) * BM : 0;
+  // Only the query tiles with a row that may see some key of this block under causal / window
+  // (attn_query_range), unless dS must be written for every element.
+  int m_begin = 0, m_end = n.L;
+  if (p.dmask == nullptr) attn_query_range(rule, n.L, n0, n0 + n_rows, BM, &m_begin, &m_end);
 
   for (int h = hk * group; h < (hk + 1) * group; ++h) {
     const int64_t row_base = (static_cast<int64_t>(b) * n.Hq + h) * n.L;
@@ -119,8 +122,9 @@ attn_bwd_kernel(const AttnBwdParams p) {
     const T* q_head = q + b * p.q_stride[0] + h * p.q_stride[1];
     const T* do_head = dout + b * p.dout_stride[0] + h * p.dout_stride[1];
     const float* lse_head = p.lse + b * p.lse_stride[0] + h * p.lse_stride[1];
+    const float slope = rule_slope(rule, b, h);
 
-    for (int m0 = m_begin; m0 < n.L; m0 += BM) {
+    for (int m0 = m_begin; m0 < m_end; m0 += BM) {
       __syncthreads();  // every warp is done with the previous Q, dO, P and dS tiles
       const int m_rows = min(BM, n.L - m0);
       load_tile<T, BM, D, THREADS>(sQ, LD, q_head + m0 * p.q_stride[2], p.q_stride[2], p.q_stride[3], m_rows, n.E,
@@ -162,8 +166,9 @@ attn_bwd_kernel(const AttnBwdParams p) {
           const int r = e >> 1;
           const int i = row_i[r];
           const int j = n0 + nt * 8 + acc_col(e);
-          const bool visible = i < n.L && j < n.S && (!p.causal || j <= i);
-          float t = s[nt][e] * p.score_scale;
+          const bool visible = i < n.L && j < n.S && rule_visible(rule, i, j);
+          float th;
+          float t = rule_score(rule, p.score_scale, slope, s[nt][e], i, j, th);
           if (visible && p.mask_kind != MASK_NONE) {
             t = apply_mask(t, mask_value(p.mask, p.mask_kind, mask_head + i * p.mask_stride[2] + j * p.mask_stride[3]));
           }
@@ -175,10 +180,11 @@ attn_bwd_kernel(const AttnBwdParams p) {
           }
           const float pd = keep ? pe * p.keep_scale : 0.f;
           const float dpe = keep ? dp[nt][e] * p.keep_scale : 0.f;
-          const float ds = pe * (dpe - delta[r]);
+          const float ds = pe * (dpe - delta[r]);  // d loss / d (capped score + mask): the mask's gradient
           const int sr = warp * 16 + acc_row(e), sc = nt * 8 + acc_col(e);
           sP[sr * LDP + sc] = Num<T>::from_f(pd);
-          sdS[sr * LDP + sc] = Num<T>::from_f(ds);
+          // Through the softcap, d(c tanh(x / c)) / dx = 1 - tanh^2; dQ and dK take that gradient.
+          sdS[sr * LDP + sc] = Num<T>::from_f(rule.softcap ? ds * (1.f - th * th) : ds);
           if (p.dmask != nullptr && i < n.L && j < n.S) p.dmask[(row_base + i) * n.S + j] = ds;
         }
       }

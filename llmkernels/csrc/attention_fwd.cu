@@ -77,6 +77,8 @@ attn_fwd_kernel(const AttnFwdParams p) {
   const int64_t row_base = (static_cast<int64_t>(b) * n.Hq + h) * n.L;  // index of row 0 of this (b, h)
   const ScoreUnits units{p.natural};
   const bool stats = p.stats_ref != nullptr;
+  const AttnRule& rule = p.rule;
+  const float slope = rule_slope(rule, b, h);
 
   if (stats) {
     // Only tiles with a coarse lse need the pass; the others hand the lse on (the block's result is uniform, so the
@@ -105,17 +107,23 @@ attn_fwd_kernel(const AttnFwdParams p) {
   int row_i[2];
   row_i[0] = m0 + warp * 16 + acc_row(0);
   row_i[1] = row_i[0] + 8;
-  float m_run[2] = {-INFINITY, -INFINITY};
-  float l_run[2] = {0.f, 0.f};
+  // A sink joins the denominator as one more weight: the running max starts at its logit and the sum at its
+  // weight, 1 (lse then includes it; a row that sees no key keeps m = sink, l = 1: output 0, lse = sink).
+  const bool has_sink = rule.sinks != nullptr;
+  const float sink = has_sink ? units.from_lse(rule_sink(rule, h)) : -INFINITY;
+  float m_run[2] = {sink, sink};
+  float l_run[2] = {has_sink ? 1.f : 0.f, has_sink ? 1.f : 0.f};
   float o[NT_O][4];
 #pragma unroll
   for (int nt = 0; nt < NT_O; ++nt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) o[nt][e] = 0.f;
 
-  // Causal (top-left): the last row of this tile sees keys up to m0 + BM - 1; later K/V tiles are all masked.
-  const int n_end = p.causal ? min(n.S, m0 + BM) : n.S;
-  for (int n0 = 0; n0 < n_end; n0 += BN) {
+  // Only the key tiles that some row of this tile may see under causal / window (attn_key_range): the others are
+  // all hidden and never loaded.
+  int n_begin, n_end;
+  attn_key_range(rule, n.S, m0, min(m0 + BM, n.L), BN, &n_begin, &n_end);
+  for (int n0 = n_begin; n0 < n_end; n0 += BN) {
     __syncthreads();  // every warp is done with the previous K/V tiles (and, first time, Q is complete)
     const int n_rows = min(BN, n.S - n0);
     load_tile<T, BN, D, THREADS>(sK, LD, k_head + n0 * p.k_stride[2], p.k_stride[2], p.k_stride[3], n_rows, n.E,
@@ -140,8 +148,9 @@ attn_fwd_kernel(const AttnFwdParams p) {
       for (int e = 0; e < 4; ++e) {
         const int i = row_i[e >> 1];
         const int j = n0 + nt * 8 + acc_col(e);
-        float t = s[nt][e] * p.score_scale;
-        const bool visible = i < n.L && j < n.S && (!p.causal || j <= i);
+        float th;
+        float t = rule_score(rule, p.score_scale, slope, s[nt][e], i, j, th);
+        const bool visible = i < n.L && j < n.S && rule_visible(rule, i, j);
         if (visible && p.mask_kind != MASK_NONE) {
           t = apply_mask(t, mask_value(p.mask, p.mask_kind, mask_head + i * p.mask_stride[2] + j * p.mask_stride[3]));
         }
@@ -206,7 +215,7 @@ attn_fwd_kernel(const AttnFwdParams p) {
     return;
   }
 
-  // Normalise; rows with no visible key (m = -inf) give 0 and lse = -inf. A NaN score leaves m finite and l NaN,
+  // Normalise; rows with no visible key (m = -inf) give 0 and lse = -inf (with a sink: o = 0, l = 1, lse = sink). A NaN score leaves m finite and l NaN,
   // so NaN propagates to the output as in PyTorch's math path.
   float inv[2];
   bool empty[2];

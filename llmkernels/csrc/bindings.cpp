@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <utility>
 
 #include "llmk_params.h"
 
@@ -122,6 +123,62 @@ struct AttnInputs {
   int mask_kind;
 };
 
+// The score rule's arguments as the ops receive them (contract.ScoreRule in canonical form).
+struct RuleArgs {
+  int64_t window_left, window_right;
+  bool bottom_right;
+  double softcap;
+  const optional<Tensor>& alibi_slopes;
+  const optional<Tensor>& sinks;
+};
+
+// Checks the rule against the inputs (the canonical form is validated in Python; this guards direct op calls).
+void check_rule(const RuleArgs& r, const Tensor& q, const llmk::AttnShape& n, bool is_causal) {
+  TORCH_CHECK(r.window_left >= -1 && r.window_left <= INT32_MAX, "llmkernels_cuda: window_left must be -1 or in [0, ",
+              INT32_MAX, "], got ", r.window_left);
+  TORCH_CHECK(r.window_right >= -1 && r.window_right <= INT32_MAX,
+              "llmkernels_cuda: window_right must be -1 or in [0, ", INT32_MAX, "], got ", r.window_right);
+  TORCH_CHECK(!(is_causal && r.window_right >= 0),
+              "llmkernels_cuda: window_right must be -1 with is_causal (canonical form), got ", r.window_right);
+  TORCH_CHECK(std::isfinite(r.softcap) && r.softcap >= 0.0, "llmkernels_cuda: softcap must be finite and >= 0, got ",
+              r.softcap);
+  // i + d - j and the window bounds are computed in 32 bits.
+  check_int(static_cast<int64_t>(n.L) + n.S, "L + S");
+  if (r.alibi_slopes.has_value()) {
+    const Tensor& a = *r.alibi_slopes;
+    check_cuda(a, "alibi_slopes", q);
+    TORCH_CHECK(a.scalar_type() == at::kFloat, "llmkernels_cuda: alibi_slopes must be float32, got ", a.scalar_type());
+    check_shape(a, "alibi_slopes", {n.B, n.Hq});
+  }
+  if (r.sinks.has_value()) {
+    const Tensor& t = *r.sinks;
+    check_cuda(t, "sinks", q);
+    TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == q.scalar_type(),
+                "llmkernels_cuda: sinks must be float32 or q's dtype ", q.scalar_type(), ", got ", t.scalar_type());
+    check_shape(t, "sinks", {n.Hq});
+    TORCH_CHECK(t.is_contiguous(), "llmkernels_cuda: sinks must be contiguous");
+  }
+}
+
+// The kernels' AttnRule, in the score units already set in p (set_score_units).
+template <typename P>
+void set_rule(P& p, const RuleArgs& r, bool is_causal, double scale, bool with_sinks) {
+  llmk::AttnRule& k = p.rule;
+  const double unit = p.natural ? 1.0 : kLog2e;
+  k.causal = is_causal;
+  k.diag = r.bottom_right ? p.n.S - p.n.L : 0;
+  k.window_left = static_cast<int>(r.window_left);
+  k.window_right = static_cast<int>(r.window_right);
+  k.softcap = r.softcap > 0.0;
+  k.softcap_in = k.softcap ? static_cast<float>(scale / r.softcap) : 0.f;
+  k.softcap_out = k.softcap ? static_cast<float>(r.softcap * unit) : 0.f;
+  k.alibi = r.alibi_slopes.has_value() ? r.alibi_slopes->data_ptr<float>() : nullptr;
+  if (r.alibi_slopes.has_value()) copy_strides(k.alibi_stride, *r.alibi_slopes);
+  k.alibi_unit = static_cast<float>(unit);
+  k.sinks = with_sinks && r.sinks.has_value() ? r.sinks->data_ptr() : nullptr;
+  k.sinks_dtype = r.sinks.has_value() ? dtype_code(*r.sinks, "sinks") : llmk::DT_F32;
+}
+
 // Checks shared by the forward and the backward: q (B,Hq,L,E), k (B,Hkv,S,E), v (B,Hkv,S,Ev), mask (B,Hq,L,S).
 AttnInputs check_attention_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const optional<Tensor>& mask,
                                   double dropout_p, const optional<Tensor>& rng_state) {
@@ -168,11 +225,12 @@ AttnInputs check_attention_inputs(const Tensor& q, const Tensor& k, const Tensor
   return AttnInputs{n, dtype, kind};
 }
 
-// The fields that the forward and backward parameters share: inputs, mask, causal, score units, dropout.
+// The fields that the forward and backward parameters share: inputs, mask, score units, the rule (sinks only when
+// with_sinks: the forward's denominator), dropout.
 template <typename P>
 void set_attention_inputs(P& p, const AttnInputs& in, const Tensor& q, const Tensor& k, const Tensor& v,
                           const optional<Tensor>& mask, double dropout_p, bool is_causal, double scale,
-                          const optional<Tensor>& rng_state) {
+                          const optional<Tensor>& rng_state, const RuleArgs& rule, bool with_sinks) {
   p.n = in.n;
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -186,8 +244,8 @@ void set_attention_inputs(P& p, const AttnInputs& in, const Tensor& q, const Ten
   p.k_vec = vec_ok(k);
   p.v_vec = vec_ok(v);
   p.mask_kind = in.mask_kind;
-  p.causal = is_causal;
   set_score_units(p, in.mask_kind, scale);
+  set_rule(p, rule, is_causal, scale, with_sinks);
   p.dropout_p = static_cast<float>(dropout_p);
   p.keep_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
   p.rng = dropout_p > 0.0 ? rng_state->data_ptr<int64_t>() : nullptr;
@@ -195,9 +253,13 @@ void set_attention_inputs(P& p, const AttnInputs& in, const Tensor& q, const Ten
 
 void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const optional<Tensor>& mask,
                        double dropout_p, bool is_causal, double scale, const optional<Tensor>& rng_state,
-                       const Tensor& out, const Tensor& lse) {
+                       int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+                       const optional<Tensor>& alibi_slopes, const optional<Tensor>& sinks, const Tensor& out,
+                       const Tensor& lse) {
   const AttnInputs in = check_attention_inputs(q, k, v, mask, dropout_p, rng_state);
   const llmk::AttnShape& n = in.n;
+  const RuleArgs rule{window_left, window_right, bottom_right, softcap, alibi_slopes, sinks};
+  check_rule(rule, q, n, is_causal);
   check_output(out, "out", q, {n.B, n.Hq, n.L, n.Ev}, q.scalar_type());
   check_output(lse, "lse", q, {n.B, n.Hq, n.L}, at::kFloat);
   if (static_cast<int64_t>(n.B) * n.Hq * n.L == 0) return;
@@ -206,7 +268,7 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const 
   check_device_and_smem(q, cfg.smem_bytes, "attention_forward");
 
   llmk::AttnFwdParams p{};
-  set_attention_inputs(p, in, q, k, v, mask, dropout_p, is_causal, scale, rng_state);
+  set_attention_inputs(p, in, q, k, v, mask, dropout_p, is_causal, scale, rng_state, rule, true);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   p.out_vec = vec_ok(out);
@@ -217,9 +279,13 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const 
 void attention_backward(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                         const Tensor& lse, const optional<Tensor>& grad_lse, const optional<Tensor>& mask,
                         double dropout_p, bool is_causal, double scale, const optional<Tensor>& rng_state,
-                        const Tensor& dq, const Tensor& dk, const Tensor& dv, const optional<Tensor>& dmask) {
+                        int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+                        const optional<Tensor>& alibi_slopes, const optional<Tensor>& sinks, const Tensor& dq,
+                        const Tensor& dk, const Tensor& dv, const optional<Tensor>& dmask) {
   const AttnInputs in = check_attention_inputs(q, k, v, mask, dropout_p, rng_state);
   const llmk::AttnShape& n = in.n;
+  const RuleArgs rule{window_left, window_right, bottom_right, softcap, alibi_slopes, sinks};
+  check_rule(rule, q, n, is_causal);
   check_cuda(grad_out, "grad_out", q);
   check_cuda(out, "out", q);
   check_cuda(lse, "lse", q);
@@ -272,16 +338,18 @@ void attention_backward(const Tensor& grad_out, const Tensor& q, const Tensor& k
   C10_CUDA_CHECK(llmk::launch_attn_bwd_delta(dp, in.dtype, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  // With a float mask, rows whose lse is too coarse to hold their sum (kCoarseLse) get their max and 1 / sum from
-  // the forward kernel's statistics mode (the same m and l the forward computed; no output, no dropout: l counts
-  // every weight). Tiles without such a row only copy the lse, so the pass costs little where it is not needed.
+  // With a float mask or ALiBi (rows far from every key: lse ~ -slope * distance), rows whose lse is too coarse to
+  // hold their sum (kCoarseLse) get their max and 1 / sum from the forward kernel's statistics mode (the same m and l
+  // the forward computed; no output, no dropout: l counts every weight). Tiles without such a row only copy the lse,
+  // so the pass costs little where it is not needed.
   Tensor row_ref, row_inv_l;
-  if (in.mask_kind != llmk::MASK_NONE && in.mask_kind != llmk::MASK_BOOL) {
+  if ((in.mask_kind != llmk::MASK_NONE && in.mask_kind != llmk::MASK_BOOL) || alibi_slopes.has_value()) {
     row_ref = at::empty({n.B, n.Hq, n.L}, q.options().dtype(at::kFloat));
     row_inv_l = at::empty({n.B, n.Hq, n.L}, q.options().dtype(at::kFloat));
     const Tensor lse_c = lse.contiguous();
     llmk::AttnFwdParams sp{};
-    set_attention_inputs(sp, in, q, k, v, mask, 0.0, is_causal, scale, rng_state);
+    // The forward's m and l: with the sink's term in them (the statistics must be the forward's).
+    set_attention_inputs(sp, in, q, k, v, mask, 0.0, is_causal, scale, rng_state, rule, true);
     sp.stats_lse = lse_c.data_ptr<float>();
     sp.stats_ref = row_ref.data_ptr<float>();
     sp.stats_inv_l = row_inv_l.data_ptr<float>();
@@ -291,7 +359,8 @@ void attention_backward(const Tensor& grad_out, const Tensor& q, const Tensor& k
   }
 
   llmk::AttnBwdParams p{};
-  set_attention_inputs(p, in, q, k, v, mask, dropout_p, is_causal, scale, rng_state);
+  // No sinks here: P = exp(s - lse) is already right, the lse includes the sink.
+  set_attention_inputs(p, in, q, k, v, mask, dropout_p, is_causal, scale, rng_state, rule, false);
   p.dout = grad_out.data_ptr();
   p.lse = lse.data_ptr<float>();
   p.delta = delta.data_ptr<float>();
@@ -404,16 +473,44 @@ py::dict attention_config(int64_t dtype, int64_t E, int64_t Ev, bool backward) {
   return d;
 }
 
+// The block ranges the attention kernels visit (attn_key_range / attn_query_range), for their unit tests.
+llmk::AttnRule range_rule(bool causal, int64_t diag, int64_t window_left, int64_t window_right) {
+  llmk::AttnRule r{};
+  r.causal = causal;
+  r.diag = static_cast<int>(diag);
+  r.window_left = static_cast<int>(window_left);
+  r.window_right = static_cast<int>(window_right);
+  return r;
+}
+
+std::pair<int, int> key_range(bool causal, int64_t diag, int64_t window_left, int64_t window_right, int64_t S,
+                              int64_t m0, int64_t m1, int64_t BN) {
+  int begin = 0, end = 0;
+  llmk::attn_key_range(range_rule(causal, diag, window_left, window_right), static_cast<int>(S), static_cast<int>(m0),
+                       static_cast<int>(m1), static_cast<int>(BN), &begin, &end);
+  return {begin, end};
+}
+
+std::pair<int, int> query_range(bool causal, int64_t diag, int64_t window_left, int64_t window_right, int64_t L,
+                                int64_t n0, int64_t n1, int64_t BM) {
+  int begin = 0, end = 0;
+  llmk::attn_query_range(range_rule(causal, diag, window_left, window_right), static_cast<int>(L),
+                         static_cast<int>(n0), static_cast<int>(n1), static_cast<int>(BM), &begin, &end);
+  return {begin, end};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llmkernels_cuda, m) {
   m.def(
       "attention_forward(Tensor q, Tensor k, Tensor v, Tensor? mask, float dropout_p, bool is_causal, float scale, "
-      "Tensor? rng_state, Tensor(a!) out, Tensor(b!) lse) -> ()");
+      "Tensor? rng_state, int window_left, int window_right, bool bottom_right, float softcap, "
+      "Tensor? alibi_slopes, Tensor? sinks, Tensor(a!) out, Tensor(b!) lse) -> ()");
   m.def(
       "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? grad_lse, "
-      "Tensor? mask, float dropout_p, bool is_causal, float scale, Tensor? rng_state, Tensor(a!) dq, Tensor(b!) dk, "
-      "Tensor(c!) dv, Tensor(d!)? dmask) -> ()");
+      "Tensor? mask, float dropout_p, bool is_causal, float scale, Tensor? rng_state, int window_left, "
+      "int window_right, bool bottom_right, float softcap, Tensor? alibi_slopes, Tensor? sinks, Tensor(a!) dq, "
+      "Tensor(b!) dk, Tensor(c!) dv, Tensor(d!)? dmask) -> ()");
   m.def("masked_softmax_forward(Tensor x, Tensor? mask, float scale, bool is_causal, Tensor(a!) y) -> ()");
   m.def("masked_softmax_backward(Tensor grad_y, Tensor y, float scale, Tensor(a!) dx) -> ()");
   m.def("dropout_keep_mask(Tensor rng_state, float dropout_p, Tensor(a!) keep) -> ()");
@@ -431,6 +528,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "llmkernels CUDA C++ kernels; the ops are in torch.ops.llmkernels_cuda";
   m.def("attention_config", &attention_config, "tile sizes and shared memory of an attention kernel instance",
         py::arg("dtype"), py::arg("E"), py::arg("Ev"), py::arg("backward"));
+  m.def("attention_key_range", &key_range,
+        "the keys [begin, end) the forward visits for query rows [m0, m1) (begin a multiple of BN)",
+        py::arg("causal"), py::arg("diag"), py::arg("window_left"), py::arg("window_right"), py::arg("S"),
+        py::arg("m0"), py::arg("m1"), py::arg("BN"));
+  m.def("attention_query_range", &query_range,
+        "the query rows [begin, end) the dK/dV pass visits for keys [n0, n1) (begin a multiple of BM)",
+        py::arg("causal"), py::arg("diag"), py::arg("window_left"), py::arg("window_right"), py::arg("L"),
+        py::arg("n0"), py::arg("n1"), py::arg("BM"));
   m.def("softmax_variant", &llmk::softmax_variant, "which softmax kernel a row length uses", py::arg("N"));
   m.def("softmax_variant_name", &llmk::softmax_variant_name, py::arg("variant"));
 }

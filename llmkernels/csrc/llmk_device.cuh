@@ -107,6 +107,50 @@ struct ScoreUnits {
   __device__ __forceinline__ float from_lse(float lse) const { return natural ? lse : lse * kLog2e; }
 };
 
+// ---------------------------------------------------------------------------------------------------------------
+// The score rule (AttnRule in llmk_params.h), per (query i, key j); the forward and the backward share these, so
+// they apply the same rule to the same scores.
+
+// Whether key j is visible to query i under causal / window (the mask aside). c = i + d fits an int: the host
+// checks L + S < 2^31.
+__device__ __forceinline__ bool rule_visible(const AttnRule& r, int i, int j) {
+  const int c = i + r.diag;
+  return (!r.causal || j <= c) && (r.window_left < 0 || c - j <= r.window_left) &&
+         (r.window_right < 0 || j - c <= r.window_right);
+}
+
+// The score of the dot product x of query i and key j in the kernel's units, before the mask is added: scaled,
+// capped (softcap), then the ALiBi bias (slope: this head's slope times alibi_unit). th is the tanh of the capped
+// argument (the backward's factor 1 - th^2), 0 without a softcap.
+__device__ __forceinline__ float rule_score(const AttnRule& r, float score_scale, float slope, float x, int i, int j,
+                                            float& th) {
+  float t;
+  if (r.softcap) {
+    th = tanhf(x * r.softcap_in);
+    t = r.softcap_out * th;
+  } else {
+    th = 0.f;
+    t = x * score_scale;
+  }
+  if (r.alibi != nullptr) t -= slope * static_cast<float>(abs(i + r.diag - j));
+  return t;
+}
+
+// This (batch, head)'s ALiBi slope in score units, 0 without ALiBi.
+__device__ __forceinline__ float rule_slope(const AttnRule& r, int b, int h) {
+  return r.alibi != nullptr ? r.alibi[b * r.alibi_stride[0] + h * r.alibi_stride[1]] * r.alibi_unit : 0.f;
+}
+
+// Head h's sink logit (natural units), -inf without sinks (a denominator term of exp(-inf) = 0).
+__device__ __forceinline__ float rule_sink(const AttnRule& r, int h) {
+  if (r.sinks == nullptr) return -INFINITY;
+  switch (r.sinks_dtype) {
+    case DT_F16: return __half2float(reinterpret_cast<const __half*>(r.sinks)[h]);
+    case DT_BF16: return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(r.sinks)[h]);
+    default: return reinterpret_cast<const float*>(r.sinks)[h];
+  }
+}
+
 // Beyond this |lse| a float32 lse no longer holds log(l) (the row sum) to 1e-3 (its ulp is 2^-12 at 2^11), so the
 // attention backward with a float mask takes such rows' max and sum from a statistics pass of the forward kernel
 // instead (a row whose every key carries finfo(float32).min has lse == its max: l is lost entirely).

@@ -20,6 +20,52 @@ struct AttnShape {
   int B, Hq, Hkv, L, S, E, Ev;
 };
 
+// The score rule's variants (contract.ScoreRule), shared by the forward and the backward, in the kernels' units
+// (ScoreUnits): for query i and key j with d = diag, s = score_scale * q.k, or softcap_out * tanh(softcap_in * q.k)
+// with a softcap; minus alibi_unit * slope[b, h] * |i + d - j| with ALiBi; then the float mask. Visible iff
+// (!causal or j <= i + d) and i + d - window_left <= j (window_left >= 0) and j <= i + d + window_right
+// (window_right >= 0). Sinks (forward only): the running max starts at the sink logit, the running sum at 1.
+struct AttnRule {
+  bool causal;          // j <= i + diag
+  int diag;             // S - L for the bottom-right alignment, else 0
+  int window_left;      // -1: unbounded
+  int window_right;     // -1: unbounded (always -1 with causal: canonical form)
+  bool softcap;         // the two factors below are used
+  float softcap_in;     // scale / c (natural units inside tanh)
+  float softcap_out;    // c, times log2(e) for base-2 scores
+  const float* alibi;   // (B, Hq) slopes with alibi_stride, or null
+  int64_t alibi_stride[2];
+  float alibi_unit;     // 1, or log2(e) for base-2 scores
+  const void* sinks;    // (Hq,) contiguous logits, or null
+  int sinks_dtype;      // DType of sinks
+};
+
+// x clamped to [0, n] (64-bit: i + d +- a window side may leave the int range before clamping).
+inline __host__ __device__ int clamp_to(int64_t x, int n) { return static_cast<int>(x < 0 ? 0 : x > n ? n : x); }
+
+// The keys [*begin, *end) that query rows [m0, m1) may see under the rule (causal / window / alignment), the start
+// rounded down to a multiple of BN: every key block outside is hidden from all of these rows and skipped. Empty
+// (begin >= end) when the rows see no key. Query i sees keys i + d - left .. i + d + right (right 0 with causal).
+inline __host__ __device__ void attn_key_range(const AttnRule& r, int S, int m0, int m1, int BN, int* begin,
+                                               int* end) {
+  const int right = r.causal ? 0 : r.window_right;
+  const int lo = r.window_left >= 0 ? clamp_to(static_cast<int64_t>(m0) + r.diag - r.window_left, S) : 0;
+  const int hi = right >= 0 ? clamp_to(static_cast<int64_t>(m1) - 1 + r.diag + right + 1, S) : S;
+  *begin = lo < hi ? lo / BN * BN : hi;  // an empty range stays empty after rounding
+  *end = hi;
+}
+
+// The query rows [*begin, *end) that may see some key of [n0, n1) under the rule, the start rounded down to a
+// multiple of BM: the dK/dV pass skips the query tiles outside. Key j is seen by rows j - d - right .. j - d + left.
+inline __host__ __device__ void attn_query_range(const AttnRule& r, int L, int n0, int n1, int BM, int* begin,
+                                                 int* end) {
+  const int right = r.causal ? 0 : r.window_right;
+  const int lo = right >= 0 ? clamp_to(static_cast<int64_t>(n0) - r.diag - right, L) : 0;
+  const int hi = r.window_left >= 0 ? clamp_to(static_cast<int64_t>(n1) - 1 - r.diag + r.window_left + 1, L) : L;
+  *begin = lo < hi ? lo / BM * BM : hi;  // an empty range stays empty after rounding
+  *end = hi;
+}
+
 struct AttnFwdParams {
   AttnShape n;
   const void* q;
@@ -31,7 +77,7 @@ struct AttnFwdParams {
   int64_t q_stride[4], k_stride[4], v_stride[4], mask_stride[4];
   bool q_vec, k_vec, v_vec, out_vec;  // 16-byte loads/stores are allowed for this tensor (checked on the host)
   int mask_kind;
-  bool causal;          // top-left: query i sees keys j <= i
+  AttnRule rule;        // causal, window, alignment, softcap, ALiBi, sinks
   bool natural;         // scores in natural units (with a float mask), else base 2: see ScoreUnits
   float score_scale;    // scale, or scale * log2(e) for base-2 scores
   float dropout_p;      // 0: no dropout
@@ -61,12 +107,12 @@ struct AttnBwdParams {
   int64_t q_stride[4], k_stride[4], v_stride[4], mask_stride[4], dout_stride[4], lse_stride[3];
   bool q_vec, k_vec, v_vec, dout_vec;
   int mask_kind;
-  bool causal;
+  AttnRule rule;        // as in AttnFwdParams (sinks unused: the lse includes them)
   bool natural;         // as in AttnFwdParams
   float scale;          // natural units, for dQ and dK
   float score_scale;    // as in AttnFwdParams
-  // With a float mask: per-row reference and 1 / l from the forward kernel's statistics mode; P = weight(s, ref) *
-  // inv_l. Null: ref = from_lse(lse), inv_l = 1.
+  // With a float mask or ALiBi: per-row reference and 1 / l from the forward kernel's statistics mode;
+  // P = weight(s, ref) * inv_l. Null: ref = from_lse(lse), inv_l = 1.
   const float* row_ref;
   const float* row_inv_l;
   float dropout_p;
