@@ -9,6 +9,7 @@ import torch
 import triton
 
 from ... import _alloc
+from ...contract import ScoreRule
 from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
 from .configs import (INTERPRETER_BLOCK, INTERPRETING, PREPROCESS_BLOCK_M, SEQ_BUCKET_CAP, _configs_for,
                       _device_arch, _head_bucket, _precision_class, _split_dkdv, _tuned)
@@ -56,6 +57,25 @@ def _mask_args(mask, like):
     return mask, tuple(mask.stride()), True, mask.dtype == torch.bool
 
 
+def _rule_args(rule, is_causal: bool, L: int, S: int, like):
+    """The score rule (contract.ScoreRule, canonical) as kernel arguments: (Alibi pointer, runtime scalars,
+    constexpr flags). The window's sides go in as the kernels test them (ranges.py): a bounded side by its
+    value, causality as a right side of 0 (canonical form never has both), an unbounded side by a flag off."""
+    rule = ScoreRule() if rule is None else rule
+    if is_causal and rule.window_right >= 0:
+        raise ValueError("window_right must be -1 with is_causal (contract.ScoreRule's causal folding)")
+    slopes = rule.alibi_slopes
+    if slopes is not None and (slopes.dtype != torch.float32 or slopes.shape[-1] != like.shape[1]):
+        raise ValueError(f"alibi_slopes must be (B, Hq) float32, got {slopes.dtype} {tuple(slopes.shape)}")
+    scalars = dict(diag=S - L if rule.bottom_right else 0, win_left=max(rule.window_left, 0),
+                   win_right=max(rule.window_right, 0), softcap=float(rule.softcap),
+                   stride_alibi_b=slopes.stride(0) if slopes is not None else 0,
+                   stride_alibi_h=slopes.stride(1) if slopes is not None else 0)
+    flags = dict(WINDOW_LEFT=rule.window_left >= 0, WINDOW_RIGHT=rule.window_right >= 0,
+                 HAS_SOFTCAP=rule.softcap > 0.0, HAS_ALIBI=slopes is not None)
+    return (slopes if slopes is not None else like), scalars, flags
+
+
 def _check_rng(rng_state, dropout_p, device):
     if dropout_p == 0.0:
         return None
@@ -65,19 +85,26 @@ def _check_rng(rng_state, dropout_p, device):
     return rng_state.to(device).contiguous()
 
 
-def attention_forward(q, k, v, mask, dropout_p: float, is_causal: bool, scale: float, rng_state):
+def attention_forward(q, k, v, mask, dropout_p: float, is_causal: bool, scale: float, rng_state, rule=None):
     """FlashAttention forward on the canonical form: returns out (B, Hq, L, Ev) in q.dtype and lse (B, Hq, L)
-    fp32 (natural log, -inf on fully masked rows, whose output is 0)."""
+    fp32 (natural log of the whole denominator, sink included; -inf on rows that see no key, whose output is 0,
+    or the sink logit with sinks)."""
     B, Hq, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     out = _alloc.new_output((B, Hq, L, Ev), q.dtype, q.device)
     lse = _alloc.new_output((B, Hq, L), torch.float32, q.device)
     mask_t, mask_strides, has_mask, mask_is_bool = _mask_args(mask, out)
     rng = _check_rng(rng_state, dropout_p, q.device)
+    alibi_t, rule_scalars, rule_flags = _rule_args(rule, is_causal, L, S, lse)
+    sinks = None if rule is None else rule.sinks
+    if sinks is not None and tuple(sinks.shape) != (Hq,):
+        raise ValueError(f"sinks must have shape ({Hq},), got {tuple(sinks.shape)}")
     _launch(_attn_fwd, lambda meta: triton.cdiv(L, meta["BLOCK_M"]) * B * Hq,
-            q, k, v, mask_t, rng if rng is not None else lse, out, lse,
+            q, k, v, mask_t, rng if rng is not None else lse, alibi_t, sinks if sinks is not None else lse, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
             Hq, L, S, Hq // Hkv, float(scale), float(dropout_p), _seq_bucket(L), _seq_bucket(S),
+            **rule_scalars, stride_sinks=sinks.stride(0) if sinks is not None else 0,
+            HAS_SINKS=sinks is not None, **rule_flags,
             HEAD_DIM=E, HEAD_DIM_V=Ev, IS_CAUSAL=bool(is_causal), HAS_MASK=has_mask, MASK_IS_BOOL=mask_is_bool,
             HAS_DROPOUT=rng is not None, DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=_block(E),
             BLOCK_DV=_block(Ev))
