@@ -133,8 +133,9 @@ class TritonBackend:
         E, Ev = a.q.shape[-1], a.v.shape[-1]
         if E > self.MAX_HEAD_DIM or Ev > self.MAX_HEAD_DIM:
             reasons.append(f"head dims up to {self.MAX_HEAD_DIM}, got E={E}, Ev={Ev}")
-        if a.rule.active:
-            reasons.append(RULE_NOT_SUPPORTED)
+        slopes = a.rule.alibi_slopes
+        if slopes is not None and slopes.dtype != torch.float32:
+            reasons.append(f"alibi_slopes must be float32, got {slopes.dtype}")
         return reasons
 
     def softmax_reasons(self, a: SoftmaxArgs) -> list:
@@ -142,15 +143,13 @@ class TritonBackend:
 
     def attention_forward(self, q, k, v, mask, dropout_p, is_causal, scale, rng_state, rule):
         from .triton_kernels import attention
-        _without_rule(self.name, rule)
-        return attention.attention_forward(q, k, v, mask, dropout_p, is_causal, scale, rng_state)
+        return attention.attention_forward(q, k, v, mask, dropout_p, is_causal, scale, rng_state, rule)
 
     def attention_backward(self, grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state,
                            mask_needs_grad, rule):
         from .triton_kernels import attention
-        _without_rule(self.name, rule)
         return attention.attention_backward(grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, is_causal, scale,
-                                            rng_state, mask_needs_grad)
+                                            rng_state, mask_needs_grad, rule)
 
     def softmax_forward(self, *args):
         from .triton_kernels import softmax

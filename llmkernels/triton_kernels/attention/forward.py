@@ -99,7 +99,8 @@ def _attn_fwd_kernel(Q, K, V, Mask, RngState, Alibi, Sinks, Out, Lse,
     if HAS_SINKS:
         # The sink is one more term of every row's denominator with no value: the running max starts at its
         # logit and the running sum at exp(sink - sink) = 1; lse then includes it.
-        sink = tl.load(Sinks + off_h * stride_sinks).to(tl.float32) * unit
+        sink_logit = tl.load(Sinks + off_h * stride_sinks).to(tl.float32)
+        sink = sink_logit * unit
         m_i = tl.zeros([BLOCK_M], tl.float32) + sink
         l_i = tl.full([BLOCK_M], 1.0, tl.float32)
     else:
@@ -138,6 +139,10 @@ def _attn_fwd_kernel(Q, K, V, Mask, RngState, Alibi, Sinks, Out, Lse,
         lse = tl.where(fully_masked, float("-inf"), m_i + tl.math.log2(l_safe) * 0.6931471805599453)
     else:
         lse = tl.where(fully_masked, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    if HAS_SINKS:
+        # A row that saw no key (its max and sum still the sink's own) has lse = the sink exactly, not the sink
+        # through log2(e) and ln(2) roundings.
+        lse = tl.where((m_i == sink) & (l_i == 1.0), sink_logit, lse)
     o_ptrs = (Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
               + offs_m.to(tl.int64)[:, None] * stride_om + offs_dv[None, :] * stride_od)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from ... import _alloc
+from ... import _alloc, reference
 from ...contract import ScoreRule
 from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
 from .configs import (INTERPRETER_BLOCK, INTERPRETING, PREPROCESS_BLOCK_M, SEQ_BUCKET_CAP, _configs_for,
@@ -139,7 +139,7 @@ def _needs_dense_backward(q, E, Ev, dropout_p) -> bool:
 
 
 def _dense_backward(grad_out, q, k, v, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state,
-                    mask_needs_grad):
+                    mask_needs_grad, rule):
     """The same backward in dense PyTorch, in fp32, with our Philox keep pattern; lse enters through grad_lse.
 
     Used only where every Triton config of the backward spills (fp32 at head dims above 128; fp16/bf16 with
@@ -153,17 +153,21 @@ def _dense_backward(grad_out, q, k, v, lse, grad_lse, mask, dropout_p, is_causal
     f32 = torch.float32
     keys = k.to(f32).repeat_interleave(group, dim=1)
     values = v.to(f32).repeat_interleave(group, dim=1)
-    scores = torch.einsum("bhld,bhsd->bhls", q.to(f32), keys) * scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(f32)
-    if is_causal:
-        visible = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~visible, float("-inf"))
+    raw = torch.einsum("bhld,bhsd->bhls", q.to(f32), keys) * scale
+    # The score rule (softcap, ALiBi, mask, causal and window hiding) exactly as the reference applies it.
+    scores = reference.apply_score_rule(raw, mask, is_causal, rule)
     # The weights from the row max and sum of the scores, not exp(scores - lse) (see LSE_EXACT_LIMIT). A fully
-    # masked row (max -inf) subtracts 0 and divides by 1: weights 0, as in the kernels. NaN stays NaN.
+    # masked row (max -inf) subtracts 0 and divides by 1: weights 0, as in the kernels. NaN stays NaN. A sink
+    # joins the max and the sum (no value).
     row_max = scores.amax(dim=-1, keepdim=True)
+    sink = None
+    if rule.sinks is not None:
+        sink = rule.sinks.to(f32).view(1, Hq, 1, 1)
+        row_max = torch.maximum(row_max, sink)
     e = torch.exp(scores - torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max))
     total = e.sum(dim=-1, keepdim=True)
+    if sink is not None:
+        total = total + torch.exp(sink - row_max)
     p = e / torch.where(total == 0, torch.ones_like(total), total)
     d_out = grad_out.to(f32)
     dp = torch.einsum("bhld,bhsd->bhls", d_out, values)
@@ -175,9 +179,13 @@ def _dense_backward(grad_out, q, k, v, lse, grad_lse, mask, dropout_p, is_causal
     if grad_lse is not None:
         delta = delta - grad_lse.to(f32).unsqueeze(-1)
     ds = p * (dp - delta)
+    ds_raw = ds
+    if rule.softcap > 0.0:
+        # The mask is added after the cap (its gradient is dS); the raw score's gradient is dS * (1 - tanh^2).
+        ds_raw = ds * (1.0 - torch.tanh(raw / rule.softcap) ** 2)
     results = (
-        torch.einsum("bhls,bhsd->bhld", ds, keys) * scale,
-        (torch.einsum("bhls,bhld->bhsd", ds, q.to(f32)) * scale).view(B, Hkv, group, S, E).sum(2),
+        torch.einsum("bhls,bhsd->bhld", ds_raw, keys) * scale,
+        (torch.einsum("bhls,bhld->bhsd", ds_raw, q.to(f32)) * scale).view(B, Hkv, group, S, E).sum(2),
         torch.einsum("bhls,bhld->bhsd", p_dropped, d_out).view(B, Hkv, group, S, Ev).sum(2),
     )
     outputs = []
@@ -190,13 +198,15 @@ def _dense_backward(grad_out, q, k, v, lse, grad_lse, mask, dropout_p, is_causal
 
 
 def attention_backward(grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state,
-                       mask_needs_grad):
-    """FlashAttention-2 backward: (dq, dk, dv, dmask); dmask (B, Hq, L, S) fp32 = dS when mask_needs_grad."""
+                       mask_needs_grad, rule=None):
+    """FlashAttention-2 backward: (dq, dk, dv, dmask); dmask (B, Hq, L, S) fp32 = dS when mask_needs_grad.
+    The sinks' gradient is ops.py's; sinks enter here only through lse (the weights exp(s - lse) are right)."""
     B, Hq, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    rule = ScoreRule() if rule is None else rule
     if _needs_dense_backward(q, E, Ev, dropout_p) or _lse_loses_precision(lse, mask):
         return _dense_backward(grad_out, q, k, v, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state,
-                               mask_needs_grad)
+                               mask_needs_grad, rule)
     dev = q.device
     lse = lse.contiguous()  # our own forward output: already contiguous, so no copy
     delta = torch.empty((B, Hq, L), dtype=torch.float32, device=dev)
@@ -220,18 +230,19 @@ def attention_backward(grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, i
     mask_t, mask_strides, has_mask, mask_is_bool = _mask_args(mask, dq)
     rng = _check_rng(rng_state, dropout_p, dev)
     rng_t = rng if rng is not None else delta
-    common = dict(HEAD_DIM=E, HEAD_DIM_V=Ev, IS_CAUSAL=bool(is_causal), HAS_MASK=has_mask,
+    alibi_t, rule_scalars, rule_flags = _rule_args(rule, is_causal, L, S, delta)
+    common = dict(**rule_scalars, **rule_flags, HEAD_DIM=E, HEAD_DIM_V=Ev, IS_CAUSAL=bool(is_causal), HAS_MASK=has_mask,
                   MASK_IS_BOOL=mask_is_bool, HAS_DROPOUT=rng is not None, DOT_PRECISION=_dot_precision(q.dtype),
                   BLOCK_D=_block(E), BLOCK_DV=_block(Ev))
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *mask_strides)
     split = _split_dkdv(max(_block(E), _block(Ev)), q.dtype)
     for do_dk, do_dv in (((False, True), (True, False)) if split else ((True, True),)):
         _launch(_attn_bwd_dkdv, lambda meta: triton.cdiv(S, meta["BLOCK_N"]) * B * Hkv,
-                q, k, v, grad_out, mask_t, rng_t, score_lse, delta, dk, dv, *strides,
+                q, k, v, grad_out, mask_t, rng_t, alibi_t, score_lse, delta, dk, dv, *strides,
                 Hq, Hkv, L, S, Hq // Hkv, float(scale), float(dropout_p), _seq_bucket(L), _seq_bucket(S),
                 DO_DK=do_dk, DO_DV=do_dv, **common)
     _launch(_attn_bwd_dq, lambda meta: triton.cdiv(L, meta["BLOCK_M"]) * B * Hq,
-            q, k, v, grad_out, mask_t, rng_t, score_lse, delta, dq, dmask if write_dmask else dq, *strides,
+            q, k, v, grad_out, mask_t, rng_t, alibi_t, score_lse, delta, dq, dmask if write_dmask else dq, *strides,
             Hq, L, S, Hq // Hkv, float(scale), float(dropout_p), _seq_bucket(L), _seq_bucket(S),
             WRITE_DMASK=write_dmask, **common)
     return dq, dk, dv, dmask
