@@ -39,8 +39,9 @@ def _cfg(block_m, block_n, warps, stages):
 # variant ("base": no dropout; "dropout": the Philox draw per score costs extra live registers, so those calls
 # get smaller tiles) -> configs. Forward and dQ: BLOCK_M query rows held, BLOCK_N keys streamed. dK/dV: BLOCK_N
 # keys held, BLOCK_M queries streamed. Every entry compiles without spills and within shared memory for the
-# heaviest flags of its variant (causal + additive mask [+ dropout]; static compile check). None: no config of
-# the backward compiles without spills, and the backward of such calls runs densely (see _dense_backward).
+# heaviest flags of its variant (causal + additive mask [+ dropout], with and without the score rule's window,
+# softcap, ALiBi and sinks; static compile check). None: no config of the backward compiles without spills, and
+# the backward of such calls runs densely (see _dense_backward).
 def _table(d64, d128, d256):
     return {64: d64, 128: d128, 256: d256}
 
@@ -167,7 +168,10 @@ def _make_prune(arch: int, kernel: str):
     return prune
 
 
-_TUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "HAS_MASK", "HAS_DROPOUT", "L_BUCKET", "S_BUCKET"]
+# The score rule's flags are keys too (a window changes which config is fastest); HAS_SINKS exists in the forward
+# only, and the autotuner skips key names a kernel does not have.
+_TUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "HAS_MASK", "HAS_DROPOUT", "L_BUCKET", "S_BUCKET", "WINDOW_LEFT",
+             "WINDOW_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_SINKS"]
 _DKDV_TUNE_KEY = _TUNE_KEY + ["DO_DK", "DO_DV"]
 
 

@@ -139,7 +139,7 @@ def _needs_dense_backward(q, E, Ev, dropout_p) -> bool:
 
 
 def _dense_backward(grad_out, q, k, v, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state,
-                    mask_needs_grad, rule):
+                    mask_needs_grad, rule=None):
     """The same backward in dense PyTorch, in fp32, with our Philox keep pattern; lse enters through grad_lse.
 
     Used only where every Triton config of the backward spills (fp32 at head dims above 128; fp16/bf16 with
@@ -151,6 +151,7 @@ def _dense_backward(grad_out, q, k, v, lse, grad_lse, mask, dropout_p, is_causal
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     group = Hq // Hkv
     f32 = torch.float32
+    rule = ScoreRule() if rule is None else rule
     keys = k.to(f32).repeat_interleave(group, dim=1)
     values = v.to(f32).repeat_interleave(group, dim=1)
     raw = torch.einsum("bhld,bhsd->bhls", q.to(f32), keys) * scale
