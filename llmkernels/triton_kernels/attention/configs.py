@@ -81,6 +81,40 @@ _FP32 = {
 }
 _CONFIGS = {90: {"half": _HALF_SM90, "fp32": _FP32}, 80: {"half": _HALF_SM80, "fp32": _FP32}}
 
+# Calls with the score rule (window, softcap, ALiBi, sinks: one more tile live per score, a third key phase) where
+# the plain variant's configs spill: (arch family, precision, kernel, head-dim bucket, variant) -> the configs
+# offered instead (static compile check with _RULE_FLAGS of specs.py), or None: that backward runs densely.
+# Entries not listed take the plain variant's configs.
+_RULE_CONFIGS = {
+    (90, "half", "fwd", 128, "base"): [_cfg(128, 64, 8, 3)],
+    (90, "half", "fwd", 256, "base"): [_cfg(64, 32, 8, 2)],
+    (90, "half", "fwd", 256, "dropout"): [_cfg(64, 16, 8, 2)],
+    (90, "half", "dkdv", 64, "base"): [_cfg(32, 128, 8, 2)],
+    (90, "half", "dkdv", 128, "base"): [_cfg(16, 64, 8, 2)],
+    (90, "half", "dkdv", 128, "dropout"): [_cfg(16, 64, 8, 2)],
+    (90, "half", "dq", 64, "base"): [_cfg(64, 32, 4, 2)],
+    (90, "half", "dq", 64, "dropout"): [_cfg(128, 32, 8, 2)],
+    (90, "half", "dq", 128, "base"): [_cfg(128, 32, 8, 2)],
+    (90, "half", "dq", 128, "dropout"): [_cfg(64, 16, 4, 2)],
+    (90, "half", "dq", 256, "base"): None,
+    (90, "half", "dq", 256, "dropout"): None,
+    (90, "fp32", "dq", 128, "dropout"): None,
+    (90, "fp32", "dq", 128, "base"): None,
+}
+_RULE_EXCLUDED = [
+    (90, "attn_fwd fp16/bf16 with the score rule: head dim 128 M64 N64 w4 s3, head dim 256 M128 N32 w8 s2 (and "
+         "M64 N32 w8 s2 with dropout)", "spill 8-72 B on sm_90 under triton 3.8; the other config of the list kept "
+         "(M64 N16 w8 s2 with dropout at head dim 256)"),
+    (90, "attn_dkdv fp16/bf16 with the score rule: head dim 64 M32 N64 w4 s2, head dim 128 M32 N64 w8 s2 and "
+         "M16 N64 w8 s1 (dropout)", "spill 16-72 B on sm_90 under triton 3.8; the other config of the list kept"),
+    (90, "attn_dq fp16/bf16 with the score rule: head dim 64 M128 N64 w8 s2 and M64 N32 w4 s2 (dropout), head dim "
+         "128 M64 N32 w4 s2 and M64 N32 w8 s2 (dropout)", "spill 8-64 B on sm_90 under triton 3.8; the other "
+         "config of the list kept"),
+    (90, "attn_dq fp16/bf16 head dim 129-256 and fp32 head dim 65-128 with the score rule, M64 N16 w8 s2 / "
+         "M16 N16 w8 s1", "spill 8-96 B on sm_90 under triton 3.8 (the softcap's gradient factor is one more live "
+         "tile); the backward of these calls runs densely in PyTorch (_dense_backward) instead"),
+]
+
 # Configs the static check showed spilling where no alternative exists: (arch family, config, reason).
 _EXCLUDED = [
     (arch, "attn_dkdv/attn_dq fp32 head dim 129-256, every tile down to 16x16 (w4-w16)",
@@ -130,9 +164,20 @@ def _arch_family(arch: int) -> int:
     return 90 if arch >= 90 else 80
 
 
-def _configs_for(arch: int, kernel: str, precision: str, bucket: int, variant: str):
-    """The configs offered, or None where that backward runs densely (no spill-free config)."""
+def _configs_for(arch: int, kernel: str, precision: str, bucket: int, variant: str, rule: bool = False):
+    """The configs offered, or None where that backward runs densely (no spill-free config); ``rule``: the call
+    has score-rule flags (_RULE_CONFIGS)."""
+    key = (_arch_family(arch), precision, kernel, bucket, variant)
+    if rule and key in _RULE_CONFIGS:
+        return _RULE_CONFIGS[key]
     return _CONFIGS[_arch_family(arch)][precision][kernel][bucket][variant]
+
+
+_RULE_FLAG_NAMES = ("WINDOW_LEFT", "WINDOW_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_SINKS")
+
+
+def _has_rule_flags(args: dict) -> bool:
+    return any(args.get(name, False) for name in _RULE_FLAG_NAMES)
 
 
 def _all_configs(arch: int, kernel: str) -> list:
@@ -142,6 +187,9 @@ def _all_configs(arch: int, kernel: str) -> list:
         for per_variant in per_kernel[kernel].values():
             for configs in per_variant.values():
                 seen.extend(c for c in (configs or []) if _config_key(c) not in {_config_key(x) for x in seen})
+    for (family, _, name, _, _), configs in _RULE_CONFIGS.items():
+        if family == _arch_family(arch) and name == kernel:
+            seen.extend(c for c in (configs or []) if _config_key(c) not in {_config_key(x) for x in seen})
     return seen
 
 
@@ -163,7 +211,8 @@ def _make_prune(arch: int, kernel: str):
         bucket = _head_bucket(max(args["BLOCK_D"], args["BLOCK_DV"]))
         variant = "dropout" if args["HAS_DROPOUT"] else "base"
         wanted = {_config_key(c)
-                  for c in _configs_for(arch, kernel, _precision_class(args["Q"].dtype), bucket, variant)}
+                  for c in _configs_for(arch, kernel, _precision_class(args["Q"].dtype), bucket, variant,
+                                        _has_rule_flags(args))}
         return [c for c in configs if _config_key(c) in wanted]
     return prune
 
@@ -197,4 +246,4 @@ def _split_dkdv(block_d: int, dtype) -> bool:
 
 def excluded_configs(arch: int) -> list:
     """(config, reason) for the configs deliberately not offered on sm_<arch> (they spill or do not fit)."""
-    return [(desc, reason) for (a, desc, reason) in _EXCLUDED if _arch_family(arch) == a]
+    return [(desc, reason) for (a, desc, reason) in _EXCLUDED + _RULE_EXCLUDED if _arch_family(arch) == a]

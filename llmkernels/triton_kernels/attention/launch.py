@@ -127,15 +127,20 @@ def _lse_loses_precision(lse, mask) -> bool:
     return bool((torch.isfinite(lse) & (lse.abs() >= LSE_EXACT_LIMIT)).any())
 
 
-def _needs_dense_backward(q, E, Ev, dropout_p) -> bool:
-    """On a GPU, whether no spill-free Triton config exists for this backward (see _CONFIGS and _EXCLUDED)."""
+def _needs_dense_backward(q, E, Ev, dropout_p, rule=None) -> bool:
+    """On a GPU, whether no spill-free Triton config exists for this backward (see _CONFIGS, _RULE_CONFIGS and
+    _EXCLUDED)."""
     arch = 0 if q.device.type != "cuda" else _device_arch()
     if arch == 0:
         return False
     bucket = _head_bucket(max(_block(E), _block(Ev)))
     variant = "dropout" if dropout_p > 0.0 else "base"
     precision = _precision_class(q.dtype)
-    return any(_configs_for(arch, kernel, precision, bucket, variant) is None for kernel in ("dkdv", "dq"))
+    # The backward kernels see the window, softcap and ALiBi (sinks only through lse).
+    with_rule = rule is not None and (rule.window_left >= 0 or rule.window_right >= 0 or rule.softcap > 0.0
+                                      or rule.alibi_slopes is not None)
+    return any(_configs_for(arch, kernel, precision, bucket, variant, with_rule) is None
+               for kernel in ("dkdv", "dq"))
 
 
 def _dense_backward(grad_out, q, k, v, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state,
@@ -205,7 +210,7 @@ def attention_backward(grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, i
     B, Hq, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     rule = ScoreRule() if rule is None else rule
-    if _needs_dense_backward(q, E, Ev, dropout_p) or _lse_loses_precision(lse, mask):
+    if _needs_dense_backward(q, E, Ev, dropout_p, rule) or _lse_loses_precision(lse, mask):
         return _dense_backward(grad_out, q, k, v, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state,
                                mask_needs_grad, rule)
     dev = q.device

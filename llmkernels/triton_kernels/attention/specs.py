@@ -104,7 +104,7 @@ def compile_specs(arch: int) -> list:
                 if kernel == "dkdv" and _split_dkdv(bucket, dtype):
                     parts = [(True, False), (False, True)]
                 for variant, rule in ((v, r) for v in variants for r in (False, True)):
-                    for cfg in _configs_for(arch, kernel, precision, bucket, variant) or []:
+                    for cfg in _configs_for(arch, kernel, precision, bucket, variant, rule) or []:
                         for do_dk, do_dv in parts:
                             flags = dict(_FLAG_SETS[variant], **(_RULE_FLAGS if rule else _NO_RULE))
                             if kernel == "dq":
