@@ -93,13 +93,21 @@ _RULE_CONFIGS = {
     (90, "half", "dkdv", 128, "base"): [_cfg(16, 64, 8, 2)],
     (90, "half", "dkdv", 128, "dropout"): [_cfg(16, 64, 8, 2)],
     (90, "half", "dq", 64, "base"): [_cfg(64, 32, 4, 2)],
-    (90, "half", "dq", 64, "dropout"): [_cfg(128, 32, 8, 2)],
+    (90, "half", "dq", 64, "dropout"): [_cfg(64, 16, 4, 2)],
     (90, "half", "dq", 128, "base"): [_cfg(128, 32, 8, 2)],
     (90, "half", "dq", 128, "dropout"): [_cfg(64, 16, 4, 2)],
     (90, "half", "dq", 256, "base"): None,
     (90, "half", "dq", 256, "dropout"): None,
     (90, "fp32", "dq", 128, "dropout"): None,
     (90, "fp32", "dq", 128, "base"): None,
+    (90, "fp32", "fwd", 128, "dropout"): [_cfg(16, 16, 4, 1)],
+    (90, "fp32", "fwd", 128, "base"): [_cfg(16, 16, 4, 1)],
+    (80, "fp32", "fwd", 128, "dropout"): [_cfg(16, 16, 4, 1)],
+    (80, "fp32", "fwd", 128, "base"): [_cfg(16, 16, 4, 1)],
+    (80, "half", "fwd", 128, "dropout"): [_cfg(64, 32, 8, 2)],
+    (80, "half", "dkdv", 256, "dropout"): None,
+    (80, "half", "dq", 128, "base"): [_cfg(64, 16, 4, 2)],
+    (80, "half", "dq", 128, "dropout"): None,
 }
 _RULE_EXCLUDED = [
     (90, "attn_fwd fp16/bf16 with the score rule: head dim 128 M64 N64 w4 s3, head dim 256 M128 N32 w8 s2 (and "
@@ -113,6 +121,20 @@ _RULE_EXCLUDED = [
     (90, "attn_dq fp16/bf16 head dim 129-256 and fp32 head dim 65-128 with the score rule, M64 N16 w8 s2 / "
          "M16 N16 w8 s1", "spill 8-96 B on sm_90 under triton 3.8 (the softcap's gradient factor is one more live "
          "tile); the backward of these calls runs densely in PyTorch (_dense_backward) instead"),
+    (90, "attn_dq fp16/bf16 head dim 64 with the score rule and dropout, M128 N32 w8 s2",
+     "spills 24 B on sm_90 under triton 3.6 (M64 N32 w4 s2 spills under 3.8); M64 N16 w4 s2 offered instead"),
+] + [
+    (arch, "attn_fwd fp32 head dim 65-128 with the score rule, M32 N16 w4 s1",
+     "spills 24 B on sm_90 under triton 3.6; M16 N16 w4 s1 offered instead (one fp32 table serves sm_80 too)")
+    for arch in (80, 90)
+] + [
+    (80, "attn_fwd fp16/bf16 head dim 128 with the score rule and dropout, M64 N64 w8 s2",
+     "spills 48 B on sm_80 under triton 3.8; M64 N32 w8 s2 kept"),
+    (80, "attn_dkdv fp16/bf16 head dim 129-256 with the score rule and dropout, M16 N64 w8 s2 (dK and dV)",
+     "spill 16-32 B on sm_80 under triton 3.8; the backward of these calls runs densely in PyTorch instead"),
+    (80, "attn_dq fp16/bf16 head dim 65-128 with the score rule, M128 N32 w8 s2 and M64 N32 w4 s2; with dropout "
+         "M64 N16 w4 s2", "spill 16-48 B on sm_80 under triton 3.8; M64 N16 w4 s2 offered without dropout, the "
+         "backward with dropout runs densely in PyTorch instead"),
 ]
 
 # Configs the static check showed spilling where no alternative exists: (arch family, config, reason).
