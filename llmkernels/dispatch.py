@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from .contract import BACKEND_NAMES, AttentionArgs, ScoreRule, SoftmaxArgs, check_backend_name
+from .contract import BACKEND_NAMES, AttentionArgs, SoftmaxArgs, check_backend_name
 from .triton_kernels.interpreter import interpreting as triton_interpreting
 
 ENV_VAR = "LLMKERNELS_BACKEND"
@@ -84,18 +84,6 @@ def _cuda_capability(device: torch.device) -> tuple:
     return torch.cuda.get_device_capability(device)
 
 
-# Until a backend's kernels apply the score rule's variants (contract.ScoreRule), it declines calls that use them,
-# so "auto" gives those to a backend that does, and its kernel launchers keep their old signature.
-RULE_NOT_SUPPORTED = "window_size/softcap/alibi_slopes/sinks/bottom_right alignment not supported by this backend yet"
-
-
-def _without_rule(backend: str, rule: ScoreRule) -> None:
-    """Guard for a backend whose kernels ignore the rule: an active rule reaching them (a direct op call with a
-    backend name, bypassing attention_reasons) would otherwise give a plain attention's numbers."""
-    if rule.active:
-        raise NotSupportedError(f"backend {backend!r}: {RULE_NOT_SUPPORTED}")
-
-
 class TritonBackend:
     name = "triton"
     # Head dims the kernels take: every size up to this (padded to a power of two on chip).
@@ -133,8 +121,9 @@ class TritonBackend:
         E, Ev = a.q.shape[-1], a.v.shape[-1]
         if E > self.MAX_HEAD_DIM or Ev > self.MAX_HEAD_DIM:
             reasons.append(f"head dims up to {self.MAX_HEAD_DIM}, got E={E}, Ev={Ev}")
-        if a.rule.active:
-            reasons.append(RULE_NOT_SUPPORTED)
+        slopes = a.rule.alibi_slopes
+        if slopes is not None and slopes.dtype != torch.float32:
+            reasons.append(f"alibi_slopes must be float32, got {slopes.dtype}")
         return reasons
 
     def softmax_reasons(self, a: SoftmaxArgs) -> list:
@@ -142,15 +131,13 @@ class TritonBackend:
 
     def attention_forward(self, q, k, v, mask, dropout_p, is_causal, scale, rng_state, rule):
         from .triton_kernels import attention
-        _without_rule(self.name, rule)
-        return attention.attention_forward(q, k, v, mask, dropout_p, is_causal, scale, rng_state)
+        return attention.attention_forward(q, k, v, mask, dropout_p, is_causal, scale, rng_state, rule)
 
     def attention_backward(self, grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state,
                            mask_needs_grad, rule):
         from .triton_kernels import attention
-        _without_rule(self.name, rule)
         return attention.attention_backward(grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, is_causal, scale,
-                                            rng_state, mask_needs_grad)
+                                            rng_state, mask_needs_grad, rule)
 
     def softmax_forward(self, *args):
         from .triton_kernels import softmax

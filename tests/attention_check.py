@@ -27,7 +27,7 @@ def _grads(out, lse, inputs, grad_out, grad_lse):
 
 
 def check_attention(backend, keep_mask, q, k, v, mask=None, *, is_causal=False, scale=None, enable_gqa=False,
-                    dropout_p=0.0, grad_out=None, mask_grad=True, lse_grad=True, seed=0):
+                    dropout_p=0.0, grad_out=None, mask_grad=True, lse_grad=True, seed=0, sinks=None, **variant):
     """Run ours (``backend``) and the references on the same leaves; assert the tolerance rule on everything.
 
     q, k, v in the test dtype; ``mask`` a broadcastable bool/float mask (a float mask gets a gradient when
@@ -35,15 +35,18 @@ def check_attention(backend, keep_mask, q, k, v, mask=None, *, is_causal=False, 
     (True = keep) of the (B, Hq, L, S) scores for the rng_state our op drew; it is called only with dropout.
     ``grad_out`` is the output's gradient (random when None); ``lse_grad=False`` makes lse's gradient 0 (for
     rows at finfo.min, where the references' own lse gradient is off: torch.logsumexp's backward takes
-    exp(x - lse), and lse = m + log(l) rounds to m there, even in float64). Returns (out, lse, [dq, dk, dv(, dmask)]); the
-    tensors our op was called with are left in ``check_attention.last_inputs`` (for the no-copy tests).
+    exp(x - lse), and lse = m + log(l) rounds to m there, even in float64). Returns (out, lse, [dq, dk, dv(, dmask)
+    (, dsinks)]); the tensors our op was called with are left in ``check_attention.last_inputs`` (for the no-copy
+    tests). The variants (``window_size``, ``causal_alignment``, ``softcap``, ``alibi_slopes`` float32, ``sinks``,
+    a leaf whose gradient is checked too) go to both sides; the float64 reference takes float64 slopes.
     """
     dtype, device = q.dtype, q.device
     gen = torch.Generator().manual_seed(seed + 1)
     float_mask = mask is not None and mask.dtype != torch.bool
     mask_leaf = mask_grad and float_mask
 
-    ours_in = [leaf(q), leaf(k), leaf(v), leaf(mask) if mask_leaf else mask]
+    ours_in = [leaf(q), leaf(k), leaf(v), leaf(mask) if mask_leaf else mask,
+               leaf(sinks) if sinks is not None else None]
     drawn = {}
     original = ops._new_rng_state
 
@@ -53,9 +56,9 @@ def check_attention(backend, keep_mask, q, k, v, mask=None, *, is_causal=False, 
 
     ops._new_rng_state = capture
     try:
-        out, lse = llmkernels.scaled_dot_product_attention(*ours_in, dropout_p=dropout_p, is_causal=is_causal,
+        out, lse = llmkernels.scaled_dot_product_attention(*ours_in[:4], dropout_p=dropout_p, is_causal=is_causal,
                                                            scale=scale, enable_gqa=enable_gqa, return_lse=True,
-                                                           backend=backend)
+                                                           backend=backend, sinks=ours_in[4], **variant)
     finally:
         ops._new_rng_state = original
     dropout_mask = None
@@ -72,9 +75,14 @@ def check_attention(backend, keep_mask, q, k, v, mask=None, *, is_causal=False, 
     def run_reference(cast, compute_dtype):
         ins = [leaf(t.to(cast)) for t in (q, k, v)] + [
             (leaf(mask.to(torch.float64 if cast == torch.float64 else mask.dtype)) if mask_leaf else mask)]
-        o, l = reference.scaled_dot_product_attention(*ins, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                                                      enable_gqa=enable_gqa, return_lse=True,
-                                                      dropout_mask=dropout_mask, compute_dtype=compute_dtype)
+        ins.append(leaf(sinks.to(cast)) if sinks is not None else None)
+        ref_variant = dict(variant)
+        if variant.get("alibi_slopes") is not None and cast == torch.float64:
+            ref_variant["alibi_slopes"] = variant["alibi_slopes"].to(torch.float64)
+        o, l = reference.scaled_dot_product_attention(*ins[:4], dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                                                      enable_gqa=enable_gqa, return_lse=True, sinks=ins[4],
+                                                      dropout_mask=dropout_mask, compute_dtype=compute_dtype,
+                                                      **ref_variant)
         # Rows whose lse is -inf give -inf * grad_lse terms in no loss here: gradients are taken directly.
         return o, l, _grads(o, l, ins, grad_out, grad_lse)
 
@@ -84,9 +92,11 @@ def check_attention(backend, keep_mask, q, k, v, mask=None, *, is_causal=False, 
     assert out.dtype == dtype and lse.dtype == torch.float32
     assert_by_rule("out", out, ref_out, naive_out, dtype)
     assert_by_rule("lse", lse, ref_lse, naive_lse, dtype)
-    names = ["dq", "dk", "dv", "dmask"]
+    names = ["dq", "dk", "dv"] + (["dmask"] if mask_leaf else []) + (["dsinks"] if sinks is not None else [])
+    assert len(ours_grads) == len(names) == len(ref_grads)
     for name, ours_g, ref_g, naive_g in zip(names, ours_grads, ref_grads, naive_grads):
-        assert ours_g.dtype == (dtype if name != "dmask" else mask.dtype)
+        assert ours_g.dtype == {"dmask": mask.dtype if mask_leaf else None,
+                                "dsinks": sinks.dtype if sinks is not None else None}.get(name, dtype), name
         assert_by_rule(name, ours_g, ref_g, naive_g, dtype)
     check_attention.last_inputs = ours_in
     return out, lse, ours_grads

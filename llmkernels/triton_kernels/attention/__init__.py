@@ -3,8 +3,11 @@
 One module per part, so that a new variant (a score rule, a key range, a config table) is added in one place:
 
 ==============  =============================================================================================
-``tiles``       shared ``@triton.jit`` helpers: tile loads, the score rule (user mask, causal, key bound), the
-                Philox dropout pattern, and the opening that maps a program to its query block (forward, dQ)
+``ranges``      which blocks the causal/window rule lets a kernel visit (key range of a query block, query
+                range of a key block) and the per-element causal/window test
+``tiles``       shared ``@triton.jit`` helpers: tile loads, the score rule (softcap, ALiBi, user mask, causal,
+                window, key bound), the Philox dropout pattern, and the opening that maps a program to its
+                query block (forward, dQ)
 ``forward``     the forward kernel and its two-phase key loop
 ``backward``    the three backward kernels: preprocess, dK/dV, dQ
 ``configs``     launch-config tables per arch, the configs excluded from them with the reason, autotuning
@@ -13,7 +16,7 @@ One module per part, so that a new variant (a score rule, a key range, a config 
                 ``dispatch.TritonBackend``), the dense PyTorch backward fallback, ``dropout_keep_mask``
 ==============  =============================================================================================
 
-Imports go one way: tiles <- forward, backward <- launch, specs; configs <- launch, specs. This package
+Imports go one way: ranges <- tiles <- forward, backward <- launch, specs; configs <- launch, specs. This package
 re-exports the names other modules use, so ``from llmkernels.triton_kernels import attention`` followed by
 ``attention.attention_forward(...)`` works (dispatch looks the launchers up here at call time, which is what
 lets tests spy on them).

@@ -18,7 +18,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiles import _dropout_keep, _exp_scores, _load_rows, _masked_scores, _query_block, _score_scale
+from .ranges import _query_range
+from .tiles import (_dropout_keep, _exp_scores, _load_rows, _masked_scores, _query_block, _score_scale, _score_unit,
+                    _tanh, _tanh_grad)
 
 
 @triton.jit
@@ -63,14 +65,16 @@ def _attn_bwd_preprocess_kernel(Out, dO, GradLse, Lse, Delta, ScoreLse,
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, dO_base, ScoreLse_base, Delta_base, mask_base, lo, hi, offs_n,
                          col_ok, L, S, stride_qm, stride_qd, stride_dom, stride_dod, stride_mask_m, qk_scale,
-                         seed, philox_cols, dropout_p, DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_DV: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
-                         IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, CHECK: tl.constexpr,
-                         DO_DK: tl.constexpr, DO_DV: tl.constexpr):
+                         cap_unit, slope, diag, win_left, win_right, seed, philox_cols, dropout_p,
+                         DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                         HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                         HAS_ALIBI: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
+                         HAS_DROPOUT: tl.constexpr, CHECK: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr):
     """Accumulate one query head's query blocks [lo, hi) into dK and/or dV of a key block, in the transposed
     orientation (keys along axis 0): s^T = K Q^T, P^T, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q.
-    CHECK: apply the causal rule and the row bound L (otherwise every query of [lo, hi) sees every key)."""
+    CHECK: apply the causal/window rule and the row bound L (otherwise every query of [lo, hi) sees every key).
+    Softcap: dS is the gradient of the capped score; the raw score's is dS * (1 - tanh^2)."""
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -96,9 +100,12 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, dO_base, ScoreLse_base, Delta_bas
             score_lse = tl.load(ScoreLse_base + offs_m)
             delta = tl.load(Delta_base + offs_m)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        if HAS_SOFTCAP:
+            cap_grad_t = _tanh_grad(s_t)
+            s_t = _tanh(s_t) * cap_unit
         # Queries run along axis 1 here; the causal test "key <= query" reads offs_n[:, None] <= offs_m[None, :].
-        s_t = _masked_scores(s_t, mask_ptrs, row_ok[None, :], col_ok, offs_m[None, :], offs_n[:, None], HAS_MASK,
-                             MASK_IS_BOOL, IS_CAUSAL, CHECK)
+        s_t = _masked_scores(s_t, mask_ptrs, row_ok[None, :], col_ok, offs_m[None, :], offs_n[:, None], diag,
+                             win_left, win_right, slope, HAS_MASK, MASK_IS_BOOL, HAS_ALIBI, LEFT, RIGHT, CHECK)
         p_t = _exp_scores(s_t - score_lse[None, :], HAS_MASK, MASK_IS_BOOL)
         do = _load_rows(dO_base + start64 * stride_dom + do_offs, offs_m, L, offs_dv, HEAD_DIM_V, BLOCK_DV, CHECK)
         if DO_DV:
@@ -112,19 +119,24 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, dO_base, ScoreLse_base, Delta_bas
             if HAS_DROPOUT:
                 dp_t = tl.where(keep, dp_t * (1.0 / (1.0 - dropout_p)), 0.0)
             ds_t = p_t * (dp_t - delta[None, :])
+            if HAS_SOFTCAP:
+                ds_t = ds_t * cap_grad_t
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, dO, Mask, RngState, ScoreLse, Delta, dK, dV,
+def _attn_bwd_dkdv_kernel(Q, K, V, dO, Mask, RngState, Alibi, ScoreLse, Delta, dK, dV,
                           stride_qb, stride_qh, stride_qm, stride_qd,
                           stride_kb, stride_kh, stride_kn, stride_kd,
                           stride_vb, stride_vh, stride_vn, stride_vd,
                           stride_dob, stride_doh, stride_dom, stride_dod,
                           stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
-                          Hq, Hkv, L, S, GROUP, scale, dropout_p, L_BUCKET, S_BUCKET,
+                          Hq, Hkv, L, S, GROUP, scale, dropout_p, L_BUCKET, S_BUCKET, diag, win_left, win_right,
+                          softcap, stride_alibi_b, stride_alibi_h,
                           HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                          WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                          HAS_ALIBI: tl.constexpr,
                           HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                           DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                           EVEN_M: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -158,10 +170,13 @@ def _attn_bwd_dkdv_kernel(Q, K, V, dO, Mask, RngState, ScoreLse, Delta, dK, dV,
                    offs_n, S, offs_dv, HEAD_DIM_V, BLOCK_DV, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    qk_scale = _score_scale(scale, HAS_MASK, MASK_IS_BOOL)
+    qk_scale, cap_unit = _score_scale(scale, softcap, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP)
+    unit = _score_unit(HAS_MASK, MASK_IS_BOOL)
+    RIGHT: tl.constexpr = IS_CAUSAL or WINDOW_RIGHT
+    BANDED: tl.constexpr = WINDOW_LEFT or RIGHT
 
-    # Causal: query blocks before m_lo see none of these keys and are skipped.
-    m_lo = (start_n // BLOCK_M) * BLOCK_M if IS_CAUSAL else 0
+    # Causal/window: query blocks outside [m_lo, m_hi) see none of these keys and are skipped.
+    m_lo, m_hi = _query_range(start_n, L, S, diag, win_left, win_right, WINDOW_LEFT, RIGHT, BLOCK_M, BLOCK_N)
 
     seed = 0
     philox_cols = offs_n.to(tl.int64)
@@ -181,23 +196,28 @@ def _attn_bwd_dkdv_kernel(Q, K, V, dO, Mask, RngState, ScoreLse, Delta, dK, dV,
         if HAS_DROPOUT:
             # Offset of (b, h, i, j) = base + ((b*Hq + h)*L + i)*S + j: the (b, h) and j parts here, i*S per block.
             philox_cols = tl.load(RngState + 1) + bh.to(tl.int64) * L * S + offs_n
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(Alibi + off_b.to(tl.int64) * stride_alibi_b + off_h * stride_alibi_h).to(tl.float32) * unit
         # One loop over all query blocks, unlike the forward's split into a plain and a checked phase: this
         # kernel is register-bound (dK, dV accumulators plus four dots per step), and three pipelined loops in
         # the group loop cost ~50 more registers and spills at head dim 128 (static compile check), whereas the
-        # causal/bound tests cost a compare and a select per score. A non-causal call with L a multiple of
-        # BLOCK_M (EVEN_M) compiles without any test.
-        if IS_CAUSAL or not EVEN_M:
+        # causal/window/bound tests cost a compare and a select per score. A call without causality or a
+        # window and with L a multiple of BLOCK_M (EVEN_M) compiles without any test.
+        if BANDED or not EVEN_M:
             dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, dO_base, ScoreLse_base, Delta_base, mask_base, m_lo,
-                                          L, offs_n, col_ok, L, S, stride_qm, stride_qd, stride_dom, stride_dod,
-                                          stride_mask_m, qk_scale, seed, philox_cols, dropout_p, DOT_PRECISION,
-                                          HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, HAS_MASK, MASK_IS_BOOL,
-                                          IS_CAUSAL, HAS_DROPOUT, True, DO_DK, DO_DV)
+                                          m_hi, offs_n, col_ok, L, S, stride_qm, stride_qd, stride_dom, stride_dod,
+                                          stride_mask_m, qk_scale, cap_unit, slope, diag, win_left, win_right, seed,
+                                          philox_cols, dropout_p, DOT_PRECISION, HEAD_DIM, HEAD_DIM_V, BLOCK_M,
+                                          BLOCK_D, BLOCK_DV, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP, HAS_ALIBI,
+                                          WINDOW_LEFT, RIGHT, HAS_DROPOUT, True, DO_DK, DO_DV)
         else:
             dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, dO_base, ScoreLse_base, Delta_base, mask_base, 0, L,
                                           offs_n, col_ok, L, S, stride_qm, stride_qd, stride_dom, stride_dod,
-                                          stride_mask_m, qk_scale, seed, philox_cols, dropout_p, DOT_PRECISION,
-                                          HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, HAS_MASK, MASK_IS_BOOL,
-                                          IS_CAUSAL, HAS_DROPOUT, False, DO_DK, DO_DV)
+                                          stride_mask_m, qk_scale, cap_unit, slope, diag, win_left, win_right, seed,
+                                          philox_cols, dropout_p, DOT_PRECISION, HEAD_DIM, HEAD_DIM_V, BLOCK_M,
+                                          BLOCK_D, BLOCK_DV, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP, HAS_ALIBI,
+                                          WINDOW_LEFT, RIGHT, HAS_DROPOUT, False, DO_DK, DO_DV)
 
     # dK, dV are contiguous (B, Hkv, S, D) outputs of our own; only rows < S and columns < head dim are written.
     b_kvh64 = b_kvh.to(tl.int64)
@@ -211,12 +231,14 @@ def _attn_bwd_dkdv_kernel(Q, K, V, dO, Mask, RngState, ScoreLse, Delta, dK, dV,
 
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, score_lse, delta, K_base, V_base, mask_base, dmask_base, lo, hi, offs_m, row_ok, S,
-                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n, qk_scale, seed, philox_rows,
-                       dropout_p, DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                       HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n, qk_scale, cap_unit, slope, diag,
+                       win_left, win_right, seed, philox_rows, dropout_p, DOT_PRECISION: tl.constexpr,
+                       HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_DV: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+                       HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
                        HAS_DROPOUT: tl.constexpr, WRITE_DMASK: tl.constexpr, CHECK: tl.constexpr):
-    """dQ += dS K over key blocks [lo, hi) of one query block (and dmask = dS when asked)."""
+    """dQ += dS K over key blocks [lo, hi) of one query block (and dmask = dS when asked; with a softcap dQ takes
+    dS * (1 - tanh^2), the mask, added after the cap, dS itself)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -229,8 +251,11 @@ def _attn_bwd_dq_inner(dq, q, do, score_lse, delta, K_base, V_base, mask_base, d
         col_ok = offs_n[None, :] < S
         k = _load_rows(k_ptrs, offs_n, S, offs_d, HEAD_DIM, BLOCK_D, CHECK)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        s = _masked_scores(s, mask_ptrs, row_ok[:, None], col_ok, offs_m[:, None], offs_n[None, :], HAS_MASK,
-                           MASK_IS_BOOL, IS_CAUSAL, CHECK)
+        if HAS_SOFTCAP:
+            cap_grad = _tanh_grad(s)
+            s = _tanh(s) * cap_unit
+        s = _masked_scores(s, mask_ptrs, row_ok[:, None], col_ok, offs_m[:, None], offs_n[None, :], diag, win_left,
+                           win_right, slope, HAS_MASK, MASK_IS_BOOL, HAS_ALIBI, LEFT, RIGHT, CHECK)
         p = _exp_scores(s - score_lse[:, None], HAS_MASK, MASK_IS_BOOL)
         v = _load_rows(v_ptrs, offs_n, S, offs_dv, HEAD_DIM_V, BLOCK_DV, CHECK)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -241,6 +266,8 @@ def _attn_bwd_dq_inner(dq, q, do, score_lse, delta, K_base, V_base, mask_base, d
         if WRITE_DMASK:
             # The mask is added to the natural-log scores, so its gradient is dS itself (no scale factor).
             tl.store(dmask_ptrs, ds, mask=row_ok[:, None] & col_ok)
+        if HAS_SOFTCAP:
+            ds = ds * cap_grad
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
@@ -252,22 +279,26 @@ def _attn_bwd_dq_inner(dq, q, do, score_lse, delta, K_base, V_base, mask_base, d
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, dO, Mask, RngState, ScoreLse, Delta, dQ, dMask,
+def _attn_bwd_dq_kernel(Q, K, V, dO, Mask, RngState, Alibi, ScoreLse, Delta, dQ, dMask,
                         stride_qb, stride_qh, stride_qm, stride_qd,
                         stride_kb, stride_kh, stride_kn, stride_kd,
                         stride_vb, stride_vh, stride_vn, stride_vd,
                         stride_dob, stride_doh, stride_dom, stride_dod,
                         stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
-                        Hq, L, S, GROUP, scale, dropout_p, L_BUCKET, S_BUCKET,
+                        Hq, L, S, GROUP, scale, dropout_p, L_BUCKET, S_BUCKET, diag, win_left, win_right, softcap,
+                        stride_alibi_b, stride_alibi_h,
                         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                        WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                        HAS_ALIBI: tl.constexpr,
                         HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                         WRITE_DMASK: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one query block (and its rows of dmask), looping over key blocks like the forward."""
-    bh, off_b, off_h, offs_m, row_ok, q, K_base, V_base, mask_base, seed, philox_rows, n_plain, hi = _query_block(
-        Q, K, V, Mask, RngState, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_vb,
-        stride_vh, stride_mask_b, stride_mask_h, stride_mask_m, Hq, L, S, GROUP, HEAD_DIM, IS_CAUSAL, HAS_MASK,
-        HAS_DROPOUT, BLOCK_D, BLOCK_M, BLOCK_N)
+    (bh, off_b, off_h, offs_m, row_ok, q, K_base, V_base, mask_base, seed, philox_rows, lo, plain_lo, plain_hi,
+     hi) = _query_block(Q, K, V, Mask, RngState, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh,
+                        stride_vb, stride_vh, stride_mask_b, stride_mask_h, stride_mask_m, Hq, L, S, GROUP, diag,
+                        win_left, win_right, HEAD_DIM, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK, HAS_DROPOUT,
+                        BLOCK_D, BLOCK_M, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     do = _load_rows(dO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
@@ -280,22 +311,42 @@ def _attn_bwd_dq_kernel(Q, K, V, dO, Mask, RngState, ScoreLse, Delta, dQ, dMask,
         dmask_base = dMask + (bh.to(tl.int64) * L + offs_m.to(tl.int64)[:, None]) * S  # contiguous (B,Hq,L,S)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    qk_scale = _score_scale(scale, HAS_MASK, MASK_IS_BOOL)
-    dq = _attn_bwd_dq_inner(dq, q, do, score_lse, delta, K_base, V_base, mask_base, dmask_base, 0, n_plain, offs_m,
-                            row_ok, S, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n, qk_scale, seed,
-                            philox_rows, dropout_p, DOT_PRECISION, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D,
-                            BLOCK_DV, HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, HAS_DROPOUT, WRITE_DMASK, False)
-    dq = _attn_bwd_dq_inner(dq, q, do, score_lse, delta, K_base, V_base, mask_base, dmask_base, n_plain, hi, offs_m,
-                            row_ok, S, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n, qk_scale, seed,
-                            philox_rows, dropout_p, DOT_PRECISION, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D,
-                            BLOCK_DV, HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, HAS_DROPOUT, WRITE_DMASK, True)
-    if WRITE_DMASK and IS_CAUSAL:
-        # The key blocks the causal loop skipped are hidden from every row here: their mask gradient is 0.
+    qk_scale, cap_unit = _score_scale(scale, softcap, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP)
+    unit = _score_unit(HAS_MASK, MASK_IS_BOOL)
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + off_b.to(tl.int64) * stride_alibi_b + off_h * stride_alibi_h).to(tl.float32) * unit
+    RIGHT: tl.constexpr = IS_CAUSAL or WINDOW_RIGHT
+    if WINDOW_LEFT:
+        dq = _attn_bwd_dq_inner(dq, q, do, score_lse, delta, K_base, V_base, mask_base, dmask_base, lo, plain_lo,
+                                offs_m, row_ok, S, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n, qk_scale,
+                                cap_unit, slope, diag, win_left, win_right, seed, philox_rows, dropout_p,
+                                DOT_PRECISION, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, HAS_MASK,
+                                MASK_IS_BOOL, HAS_SOFTCAP, HAS_ALIBI, WINDOW_LEFT, RIGHT, HAS_DROPOUT, WRITE_DMASK,
+                                True)
+    dq = _attn_bwd_dq_inner(dq, q, do, score_lse, delta, K_base, V_base, mask_base, dmask_base, plain_lo, plain_hi,
+                            offs_m, row_ok, S, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n, qk_scale,
+                            cap_unit, slope, diag, win_left, win_right, seed, philox_rows, dropout_p, DOT_PRECISION,
+                            HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP,
+                            HAS_ALIBI, WINDOW_LEFT, RIGHT, HAS_DROPOUT, WRITE_DMASK, False)
+    dq = _attn_bwd_dq_inner(dq, q, do, score_lse, delta, K_base, V_base, mask_base, dmask_base, plain_hi, hi,
+                            offs_m, row_ok, S, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n, qk_scale,
+                            cap_unit, slope, diag, win_left, win_right, seed, philox_rows, dropout_p, DOT_PRECISION,
+                            HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP,
+                            HAS_ALIBI, WINDOW_LEFT, RIGHT, HAS_DROPOUT, WRITE_DMASK, True)
+    if WRITE_DMASK and (WINDOW_LEFT or RIGHT):
+        # The key blocks the causal/window rule skipped are hidden from every row here: their mask gradient is 0.
+        # The checked phase ends with the block holding key hi - 1; the first skipped block starts after it.
         offs_n0 = tl.arange(0, BLOCK_N)
         zeros = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for start_n in range(hi, S, BLOCK_N):
+        visited_hi = tl.where(hi > plain_hi, plain_hi + tl.cdiv(hi - plain_hi, BLOCK_N) * BLOCK_N, plain_hi)
+        for start_n in range(visited_hi, S, BLOCK_N):
             offs_n = start_n + offs_n0
             tl.store(dmask_base + offs_n[None, :], zeros, mask=row_ok[:, None] & (offs_n[None, :] < S))
+        if WINDOW_LEFT:
+            for start_n in range(0, lo, BLOCK_N):
+                offs_n = start_n + offs_n0
+                tl.store(dmask_base + offs_n[None, :], zeros, mask=row_ok[:, None] & (offs_n[None, :] < S))
 
     dq_ptrs = dQ + (bh.to(tl.int64) * L + offs_m[:, None]) * HEAD_DIM + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(dQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))

@@ -39,8 +39,9 @@ def _cfg(block_m, block_n, warps, stages):
 # variant ("base": no dropout; "dropout": the Philox draw per score costs extra live registers, so those calls
 # get smaller tiles) -> configs. Forward and dQ: BLOCK_M query rows held, BLOCK_N keys streamed. dK/dV: BLOCK_N
 # keys held, BLOCK_M queries streamed. Every entry compiles without spills and within shared memory for the
-# heaviest flags of its variant (causal + additive mask [+ dropout]; static compile check). None: no config of
-# the backward compiles without spills, and the backward of such calls runs densely (see _dense_backward).
+# heaviest flags of its variant (causal + additive mask [+ dropout], with and without the score rule's window,
+# softcap, ALiBi and sinks; static compile check). None: no config of the backward compiles without spills, and
+# the backward of such calls runs densely (see _dense_backward).
 def _table(d64, d128, d256):
     return {64: d64, 128: d128, 256: d256}
 
@@ -79,6 +80,62 @@ _FP32 = {
     "dq": _table(_variants([_cfg(32, 16, 8, 1)]), _variants([_cfg(16, 16, 8, 1)]), _variants(None)),
 }
 _CONFIGS = {90: {"half": _HALF_SM90, "fp32": _FP32}, 80: {"half": _HALF_SM80, "fp32": _FP32}}
+
+# Calls with the score rule (window, softcap, ALiBi, sinks: one more tile live per score, a third key phase) where
+# the plain variant's configs spill: (arch family, precision, kernel, head-dim bucket, variant) -> the configs
+# offered instead (static compile check with _RULE_FLAGS of specs.py), or None: that backward runs densely.
+# Entries not listed take the plain variant's configs.
+_RULE_CONFIGS = {
+    (90, "half", "fwd", 128, "base"): [_cfg(128, 64, 8, 3)],
+    (90, "half", "fwd", 256, "base"): [_cfg(64, 32, 8, 2)],
+    (90, "half", "fwd", 256, "dropout"): [_cfg(64, 16, 8, 2)],
+    (90, "half", "dkdv", 64, "base"): [_cfg(32, 128, 8, 2)],
+    (90, "half", "dkdv", 128, "base"): [_cfg(16, 64, 8, 2)],
+    (90, "half", "dkdv", 128, "dropout"): [_cfg(16, 64, 8, 2)],
+    (90, "half", "dq", 64, "base"): [_cfg(64, 32, 4, 2)],
+    (90, "half", "dq", 64, "dropout"): [_cfg(64, 16, 4, 2)],
+    (90, "half", "dq", 128, "base"): [_cfg(128, 32, 8, 2)],
+    (90, "half", "dq", 128, "dropout"): [_cfg(64, 16, 4, 2)],
+    (90, "half", "dq", 256, "base"): None,
+    (90, "half", "dq", 256, "dropout"): None,
+    (90, "fp32", "dq", 128, "dropout"): None,
+    (90, "fp32", "dq", 128, "base"): None,
+    (90, "fp32", "fwd", 128, "dropout"): [_cfg(16, 16, 4, 1)],
+    (90, "fp32", "fwd", 128, "base"): [_cfg(16, 16, 4, 1)],
+    (80, "fp32", "fwd", 128, "dropout"): [_cfg(16, 16, 4, 1)],
+    (80, "fp32", "fwd", 128, "base"): [_cfg(16, 16, 4, 1)],
+    (80, "half", "fwd", 128, "dropout"): [_cfg(64, 32, 8, 2)],
+    (80, "half", "dkdv", 256, "dropout"): None,
+    (80, "half", "dq", 128, "base"): [_cfg(64, 16, 4, 2)],
+    (80, "half", "dq", 128, "dropout"): None,
+}
+_RULE_EXCLUDED = [
+    (90, "attn_fwd fp16/bf16 with the score rule: head dim 128 M64 N64 w4 s3, head dim 256 M128 N32 w8 s2 (and "
+         "M64 N32 w8 s2 with dropout)", "spill 8-72 B on sm_90 under triton 3.8; the other config of the list kept "
+         "(M64 N16 w8 s2 with dropout at head dim 256)"),
+    (90, "attn_dkdv fp16/bf16 with the score rule: head dim 64 M32 N64 w4 s2, head dim 128 M32 N64 w8 s2 and "
+         "M16 N64 w8 s1 (dropout)", "spill 16-72 B on sm_90 under triton 3.8; the other config of the list kept"),
+    (90, "attn_dq fp16/bf16 with the score rule: head dim 64 M128 N64 w8 s2 and M64 N32 w4 s2 (dropout), head dim "
+         "128 M64 N32 w4 s2 and M64 N32 w8 s2 (dropout)", "spill 8-64 B on sm_90 under triton 3.8; the other "
+         "config of the list kept"),
+    (90, "attn_dq fp16/bf16 head dim 129-256 and fp32 head dim 65-128 with the score rule, M64 N16 w8 s2 / "
+         "M16 N16 w8 s1", "spill 8-96 B on sm_90 under triton 3.8 (the softcap's gradient factor is one more live "
+         "tile); the backward of these calls runs densely in PyTorch (_dense_backward) instead"),
+    (90, "attn_dq fp16/bf16 head dim 64 with the score rule and dropout, M128 N32 w8 s2",
+     "spills 24 B on sm_90 under triton 3.6 (M64 N32 w4 s2 spills under 3.8); M64 N16 w4 s2 offered instead"),
+] + [
+    (arch, "attn_fwd fp32 head dim 65-128 with the score rule, M32 N16 w4 s1",
+     "spills 24 B on sm_90 under triton 3.6; M16 N16 w4 s1 offered instead (one fp32 table serves sm_80 too)")
+    for arch in (80, 90)
+] + [
+    (80, "attn_fwd fp16/bf16 head dim 128 with the score rule and dropout, M64 N64 w8 s2",
+     "spills 48 B on sm_80 under triton 3.8; M64 N32 w8 s2 kept"),
+    (80, "attn_dkdv fp16/bf16 head dim 129-256 with the score rule and dropout, M16 N64 w8 s2 (dK and dV)",
+     "spill 16-32 B on sm_80 under triton 3.8; the backward of these calls runs densely in PyTorch instead"),
+    (80, "attn_dq fp16/bf16 head dim 65-128 with the score rule, M128 N32 w8 s2 and M64 N32 w4 s2; with dropout "
+         "M64 N16 w4 s2", "spill 16-48 B on sm_80 under triton 3.8; M64 N16 w4 s2 offered without dropout, the "
+         "backward with dropout runs densely in PyTorch instead"),
+]
 
 # Configs the static check showed spilling where no alternative exists: (arch family, config, reason).
 _EXCLUDED = [
@@ -129,9 +186,20 @@ def _arch_family(arch: int) -> int:
     return 90 if arch >= 90 else 80
 
 
-def _configs_for(arch: int, kernel: str, precision: str, bucket: int, variant: str):
-    """The configs offered, or None where that backward runs densely (no spill-free config)."""
+def _configs_for(arch: int, kernel: str, precision: str, bucket: int, variant: str, rule: bool = False):
+    """The configs offered, or None where that backward runs densely (no spill-free config); ``rule``: the call
+    has score-rule flags (_RULE_CONFIGS)."""
+    key = (_arch_family(arch), precision, kernel, bucket, variant)
+    if rule and key in _RULE_CONFIGS:
+        return _RULE_CONFIGS[key]
     return _CONFIGS[_arch_family(arch)][precision][kernel][bucket][variant]
+
+
+_RULE_FLAG_NAMES = ("WINDOW_LEFT", "WINDOW_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_SINKS")
+
+
+def _has_rule_flags(args: dict) -> bool:
+    return any(args.get(name, False) for name in _RULE_FLAG_NAMES)
 
 
 def _all_configs(arch: int, kernel: str) -> list:
@@ -141,6 +209,9 @@ def _all_configs(arch: int, kernel: str) -> list:
         for per_variant in per_kernel[kernel].values():
             for configs in per_variant.values():
                 seen.extend(c for c in (configs or []) if _config_key(c) not in {_config_key(x) for x in seen})
+    for (family, _, name, _, _), configs in _RULE_CONFIGS.items():
+        if family == _arch_family(arch) and name == kernel:
+            seen.extend(c for c in (configs or []) if _config_key(c) not in {_config_key(x) for x in seen})
     return seen
 
 
@@ -162,12 +233,16 @@ def _make_prune(arch: int, kernel: str):
         bucket = _head_bucket(max(args["BLOCK_D"], args["BLOCK_DV"]))
         variant = "dropout" if args["HAS_DROPOUT"] else "base"
         wanted = {_config_key(c)
-                  for c in _configs_for(arch, kernel, _precision_class(args["Q"].dtype), bucket, variant)}
+                  for c in _configs_for(arch, kernel, _precision_class(args["Q"].dtype), bucket, variant,
+                                        _has_rule_flags(args))}
         return [c for c in configs if _config_key(c) in wanted]
     return prune
 
 
-_TUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "HAS_MASK", "HAS_DROPOUT", "L_BUCKET", "S_BUCKET"]
+# The score rule's flags are keys too (a window changes which config is fastest); HAS_SINKS exists in the forward
+# only, and the autotuner skips key names a kernel does not have.
+_TUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "HAS_MASK", "HAS_DROPOUT", "L_BUCKET", "S_BUCKET", "WINDOW_LEFT",
+             "WINDOW_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_SINKS"]
 _DKDV_TUNE_KEY = _TUNE_KEY + ["DO_DK", "DO_DV"]
 
 
@@ -193,4 +268,4 @@ def _split_dkdv(block_d: int, dtype) -> bool:
 
 def excluded_configs(arch: int) -> list:
     """(config, reason) for the configs deliberately not offered on sm_<arch> (they spill or do not fit)."""
-    return [(desc, reason) for (a, desc, reason) in _EXCLUDED if _arch_family(arch) == a]
+    return [(desc, reason) for (a, desc, reason) in _EXCLUDED + _RULE_EXCLUDED if _arch_family(arch) == a]

@@ -17,18 +17,21 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiles import _dropout_keep, _exp_scores, _load_rows, _masked_scores, _query_block, _score_scale
+from .tiles import (_dropout_keep, _exp_scores, _load_rows, _masked_scores, _query_block, _score_scale, _score_unit,
+                    _tanh)
 
 
 @triton.jit
 def _attn_fwd_inner(acc, m_i, l_i, q, K_base, V_base, mask_base, lo, hi, offs_m, row_ok, L, S,
-                    stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n, qk_scale, seed, philox_rows,
-                    dropout_p, DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                    stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n, qk_scale, cap_unit, slope, diag,
+                    win_left, win_right, seed, philox_rows, dropout_p, DOT_PRECISION: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_DV: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
                     HAS_DROPOUT: tl.constexpr, CHECK: tl.constexpr):
     """Online softmax over key blocks [lo, hi) of one query block. CHECK: these blocks need the per-element
-    causal / key-bound test (the diagonal and the ragged tail); otherwise every key in them is visible."""
+    causal / window / key-bound test (a diagonal, a window edge, the ragged tail); otherwise every key in them is
+    visible."""
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -41,8 +44,10 @@ def _attn_fwd_inner(acc, m_i, l_i, q, K_base, V_base, mask_base, lo, hi, offs_m,
         col_ok = offs_n[None, :] < S
         k = _load_rows(k_ptrs, offs_n, S, offs_d, HEAD_DIM, BLOCK_D, CHECK)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        s = _masked_scores(s, mask_ptrs, row_ok[:, None], col_ok, offs_m[:, None], offs_n[None, :], HAS_MASK,
-                           MASK_IS_BOOL, IS_CAUSAL, CHECK)
+        if HAS_SOFTCAP:
+            s = _tanh(s) * cap_unit  # before ALiBi and any mask (score rule step 2)
+        s = _masked_scores(s, mask_ptrs, row_ok[:, None], col_ok, offs_m[:, None], offs_n[None, :], diag, win_left,
+                           win_right, slope, HAS_MASK, MASK_IS_BOOL, HAS_ALIBI, LEFT, RIGHT, CHECK)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with every key so far masked keeps m = -inf; subtracting 0 instead makes its exp terms 0
         # rather than exp(-inf + inf) = NaN. NaN scores still give NaN (they are never masked away).
@@ -65,39 +70,65 @@ def _attn_fwd_inner(acc, m_i, l_i, q, K_base, V_base, mask_base, lo, hi, offs_m,
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, Mask, RngState, Out, Lse,
+def _attn_fwd_kernel(Q, K, V, Mask, RngState, Alibi, Sinks, Out, Lse,
                      stride_qb, stride_qh, stride_qm, stride_qd,
                      stride_kb, stride_kh, stride_kn, stride_kd,
                      stride_vb, stride_vh, stride_vn, stride_vd,
                      stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
                      stride_ob, stride_oh, stride_om, stride_od,
-                     Hq, L, S, GROUP, scale, dropout_p, L_BUCKET, S_BUCKET,
+                     Hq, L, S, GROUP, scale, dropout_p, L_BUCKET, S_BUCKET, diag, win_left, win_right, softcap,
+                     stride_alibi_b, stride_alibi_h, stride_sinks,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                     HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
                      HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    bh, off_b, off_h, offs_m, row_ok, q, K_base, V_base, mask_base, seed, philox_rows, n_plain, hi = _query_block(
-        Q, K, V, Mask, RngState, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_vb,
-        stride_vh, stride_mask_b, stride_mask_h, stride_mask_m, Hq, L, S, GROUP, HEAD_DIM, IS_CAUSAL, HAS_MASK,
-        HAS_DROPOUT, BLOCK_D, BLOCK_M, BLOCK_N)
+    (bh, off_b, off_h, offs_m, row_ok, q, K_base, V_base, mask_base, seed, philox_rows, lo, plain_lo, plain_hi,
+     hi) = _query_block(Q, K, V, Mask, RngState, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh,
+                        stride_vb, stride_vh, stride_mask_b, stride_mask_h, stride_mask_m, Hq, L, S, GROUP, diag,
+                        win_left, win_right, HEAD_DIM, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK, HAS_DROPOUT,
+                        BLOCK_D, BLOCK_M, BLOCK_N)
     offs_dv = tl.arange(0, BLOCK_DV)
+    qk_scale, cap_unit = _score_scale(scale, softcap, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP)
+    unit = _score_unit(HAS_MASK, MASK_IS_BOOL)
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + off_b.to(tl.int64) * stride_alibi_b + off_h * stride_alibi_h).to(tl.float32) * unit
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_SINKS:
+        # The sink is one more term of every row's denominator with no value: the running max starts at its
+        # logit and the running sum at exp(sink - sink) = 1; lse then includes it.
+        sink_logit = tl.load(Sinks + off_h * stride_sinks).to(tl.float32)
+        sink = sink_logit * unit
+        m_i = tl.zeros([BLOCK_M], tl.float32) + sink
+        l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    qk_scale = _score_scale(scale, HAS_MASK, MASK_IS_BOOL)
+    RIGHT: tl.constexpr = IS_CAUSAL or WINDOW_RIGHT
 
-    acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, K_base, V_base, mask_base, 0, n_plain, offs_m, row_ok, L, S,
-                                    stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n, qk_scale, seed,
-                                    philox_rows, dropout_p, DOT_PRECISION, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D,
-                                    BLOCK_DV, HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, HAS_DROPOUT, False)
-    acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, K_base, V_base, mask_base, n_plain, hi, offs_m, row_ok, L, S,
-                                    stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n, qk_scale, seed,
-                                    philox_rows, dropout_p, DOT_PRECISION, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D,
-                                    BLOCK_DV, HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, HAS_DROPOUT, True)
+    if WINDOW_LEFT:
+        # The window's left edge: partly visible blocks before the plain ones.
+        acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, K_base, V_base, mask_base, lo, plain_lo, offs_m, row_ok, L,
+                                        S, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n, qk_scale,
+                                        cap_unit, slope, diag, win_left, win_right, seed, philox_rows, dropout_p,
+                                        DOT_PRECISION, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, HAS_MASK,
+                                        MASK_IS_BOOL, HAS_SOFTCAP, HAS_ALIBI, WINDOW_LEFT, RIGHT, HAS_DROPOUT, True)
+    acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, K_base, V_base, mask_base, plain_lo, plain_hi, offs_m, row_ok,
+                                    L, S, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n, qk_scale,
+                                    cap_unit, slope, diag, win_left, win_right, seed, philox_rows, dropout_p,
+                                    DOT_PRECISION, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, HAS_MASK,
+                                    MASK_IS_BOOL, HAS_SOFTCAP, HAS_ALIBI, WINDOW_LEFT, RIGHT, HAS_DROPOUT, False)
+    acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, K_base, V_base, mask_base, plain_hi, hi, offs_m, row_ok, L, S,
+                                    stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n, qk_scale, cap_unit,
+                                    slope, diag, win_left, win_right, seed, philox_rows, dropout_p, DOT_PRECISION,
+                                    HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, HAS_MASK, MASK_IS_BOOL,
+                                    HAS_SOFTCAP, HAS_ALIBI, WINDOW_LEFT, RIGHT, HAS_DROPOUT, True)
 
-    # Fully masked rows have l = 0 and acc = 0: dividing by 1 instead gives output 0; their lse is -inf.
-    # A NaN l (NaN inputs) is not 0, so it stays NaN.
+    # Fully masked rows have l = 0 and acc = 0: dividing by 1 instead gives output 0; their lse is -inf (with a
+    # sink, l >= its term, so such a row gives output 0 and lse = sink). A NaN l (NaN inputs) stays NaN.
     fully_masked = l_i == 0.0
     l_safe = tl.where(fully_masked, 1.0, l_i)
     inv_l = 1.0 / l_safe
@@ -108,6 +139,10 @@ def _attn_fwd_kernel(Q, K, V, Mask, RngState, Out, Lse,
         lse = tl.where(fully_masked, float("-inf"), m_i + tl.math.log2(l_safe) * 0.6931471805599453)
     else:
         lse = tl.where(fully_masked, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    if HAS_SINKS:
+        # A row that saw no key (its max and sum still the sink's own) has lse = the sink exactly, not the sink
+        # through log2(e) and ln(2) roundings.
+        lse = tl.where((m_i == sink) & (l_i == 1.0), sink_logit, lse)
     o_ptrs = (Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
               + offs_m.to(tl.int64)[:, None] * stride_om + offs_dv[None, :] * stride_od)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))

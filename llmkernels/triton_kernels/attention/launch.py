@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from ... import _alloc
+from ... import _alloc, reference
+from ...contract import ScoreRule
 from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
 from .configs import (INTERPRETER_BLOCK, INTERPRETING, PREPROCESS_BLOCK_M, SEQ_BUCKET_CAP, _configs_for,
                       _device_arch, _head_bucket, _precision_class, _split_dkdv, _tuned)
@@ -56,6 +57,25 @@ def _mask_args(mask, like):
     return mask, tuple(mask.stride()), True, mask.dtype == torch.bool
 
 
+def _rule_args(rule, is_causal: bool, L: int, S: int, like):
+    """The score rule (contract.ScoreRule, canonical) as kernel arguments: (Alibi pointer, runtime scalars,
+    constexpr flags). The window's sides go in as the kernels test them (ranges.py): a bounded side by its
+    value, causality as a right side of 0 (canonical form never has both), an unbounded side by a flag off."""
+    rule = ScoreRule() if rule is None else rule
+    if is_causal and rule.window_right >= 0:
+        raise ValueError("window_right must be -1 with is_causal (contract.ScoreRule's causal folding)")
+    slopes = rule.alibi_slopes
+    if slopes is not None and (slopes.dtype != torch.float32 or slopes.shape[-1] != like.shape[1]):
+        raise ValueError(f"alibi_slopes must be (B, Hq) float32, got {slopes.dtype} {tuple(slopes.shape)}")
+    scalars = dict(diag=S - L if rule.bottom_right else 0, win_left=max(rule.window_left, 0),
+                   win_right=max(rule.window_right, 0), softcap=float(rule.softcap),
+                   stride_alibi_b=slopes.stride(0) if slopes is not None else 0,
+                   stride_alibi_h=slopes.stride(1) if slopes is not None else 0)
+    flags = dict(WINDOW_LEFT=rule.window_left >= 0, WINDOW_RIGHT=rule.window_right >= 0,
+                 HAS_SOFTCAP=rule.softcap > 0.0, HAS_ALIBI=slopes is not None)
+    return (slopes if slopes is not None else like), scalars, flags
+
+
 def _check_rng(rng_state, dropout_p, device):
     if dropout_p == 0.0:
         return None
@@ -65,19 +85,26 @@ def _check_rng(rng_state, dropout_p, device):
     return rng_state.to(device).contiguous()
 
 
-def attention_forward(q, k, v, mask, dropout_p: float, is_causal: bool, scale: float, rng_state):
+def attention_forward(q, k, v, mask, dropout_p: float, is_causal: bool, scale: float, rng_state, rule=None):
     """FlashAttention forward on the canonical form: returns out (B, Hq, L, Ev) in q.dtype and lse (B, Hq, L)
-    fp32 (natural log, -inf on fully masked rows, whose output is 0)."""
+    fp32 (natural log of the whole denominator, sink included; -inf on rows that see no key, whose output is 0,
+    or the sink logit with sinks)."""
     B, Hq, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     out = _alloc.new_output((B, Hq, L, Ev), q.dtype, q.device)
     lse = _alloc.new_output((B, Hq, L), torch.float32, q.device)
     mask_t, mask_strides, has_mask, mask_is_bool = _mask_args(mask, out)
     rng = _check_rng(rng_state, dropout_p, q.device)
+    alibi_t, rule_scalars, rule_flags = _rule_args(rule, is_causal, L, S, lse)
+    sinks = None if rule is None else rule.sinks
+    if sinks is not None and tuple(sinks.shape) != (Hq,):
+        raise ValueError(f"sinks must have shape ({Hq},), got {tuple(sinks.shape)}")
     _launch(_attn_fwd, lambda meta: triton.cdiv(L, meta["BLOCK_M"]) * B * Hq,
-            q, k, v, mask_t, rng if rng is not None else lse, out, lse,
+            q, k, v, mask_t, rng if rng is not None else lse, alibi_t, sinks if sinks is not None else lse, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
             Hq, L, S, Hq // Hkv, float(scale), float(dropout_p), _seq_bucket(L), _seq_bucket(S),
+            **rule_scalars, stride_sinks=sinks.stride(0) if sinks is not None else 0,
+            HAS_SINKS=sinks is not None, **rule_flags,
             HEAD_DIM=E, HEAD_DIM_V=Ev, IS_CAUSAL=bool(is_causal), HAS_MASK=has_mask, MASK_IS_BOOL=mask_is_bool,
             HAS_DROPOUT=rng is not None, DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=_block(E),
             BLOCK_DV=_block(Ev))
@@ -100,19 +127,24 @@ def _lse_loses_precision(lse, mask) -> bool:
     return bool((torch.isfinite(lse) & (lse.abs() >= LSE_EXACT_LIMIT)).any())
 
 
-def _needs_dense_backward(q, E, Ev, dropout_p) -> bool:
-    """On a GPU, whether no spill-free Triton config exists for this backward (see _CONFIGS and _EXCLUDED)."""
+def _needs_dense_backward(q, E, Ev, dropout_p, rule=None) -> bool:
+    """On a GPU, whether no spill-free Triton config exists for this backward (see _CONFIGS, _RULE_CONFIGS and
+    _EXCLUDED)."""
     arch = 0 if q.device.type != "cuda" else _device_arch()
     if arch == 0:
         return False
     bucket = _head_bucket(max(_block(E), _block(Ev)))
     variant = "dropout" if dropout_p > 0.0 else "base"
     precision = _precision_class(q.dtype)
-    return any(_configs_for(arch, kernel, precision, bucket, variant) is None for kernel in ("dkdv", "dq"))
+    # The backward kernels see the window, softcap and ALiBi (sinks only through lse).
+    with_rule = rule is not None and (rule.window_left >= 0 or rule.window_right >= 0 or rule.softcap > 0.0
+                                      or rule.alibi_slopes is not None)
+    return any(_configs_for(arch, kernel, precision, bucket, variant, with_rule) is None
+               for kernel in ("dkdv", "dq"))
 
 
 def _dense_backward(grad_out, q, k, v, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state,
-                    mask_needs_grad):
+                    mask_needs_grad, rule=None):
     """The same backward in dense PyTorch, in fp32, with our Philox keep pattern; lse enters through grad_lse.
 
     Used only where every Triton config of the backward spills (fp32 at head dims above 128; fp16/bf16 with
@@ -124,19 +156,24 @@ def _dense_backward(grad_out, q, k, v, lse, grad_lse, mask, dropout_p, is_causal
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     group = Hq // Hkv
     f32 = torch.float32
+    rule = ScoreRule() if rule is None else rule
     keys = k.to(f32).repeat_interleave(group, dim=1)
     values = v.to(f32).repeat_interleave(group, dim=1)
-    scores = torch.einsum("bhld,bhsd->bhls", q.to(f32), keys) * scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(f32)
-    if is_causal:
-        visible = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~visible, float("-inf"))
+    raw = torch.einsum("bhld,bhsd->bhls", q.to(f32), keys) * scale
+    # The score rule (softcap, ALiBi, mask, causal and window hiding) exactly as the reference applies it.
+    scores = reference.apply_score_rule(raw, mask, is_causal, rule)
     # The weights from the row max and sum of the scores, not exp(scores - lse) (see LSE_EXACT_LIMIT). A fully
-    # masked row (max -inf) subtracts 0 and divides by 1: weights 0, as in the kernels. NaN stays NaN.
+    # masked row (max -inf) subtracts 0 and divides by 1: weights 0, as in the kernels. NaN stays NaN. A sink
+    # joins the max and the sum (no value).
     row_max = scores.amax(dim=-1, keepdim=True)
+    sink = None
+    if rule.sinks is not None:
+        sink = rule.sinks.to(f32).view(1, Hq, 1, 1)
+        row_max = torch.maximum(row_max, sink)
     e = torch.exp(scores - torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max))
     total = e.sum(dim=-1, keepdim=True)
+    if sink is not None:
+        total = total + torch.exp(sink - row_max)
     p = e / torch.where(total == 0, torch.ones_like(total), total)
     d_out = grad_out.to(f32)
     dp = torch.einsum("bhld,bhsd->bhls", d_out, values)
@@ -148,9 +185,13 @@ def _dense_backward(grad_out, q, k, v, lse, grad_lse, mask, dropout_p, is_causal
     if grad_lse is not None:
         delta = delta - grad_lse.to(f32).unsqueeze(-1)
     ds = p * (dp - delta)
+    ds_raw = ds
+    if rule.softcap > 0.0:
+        # The mask is added after the cap (its gradient is dS); the raw score's gradient is dS * (1 - tanh^2).
+        ds_raw = ds * (1.0 - torch.tanh(raw / rule.softcap) ** 2)
     results = (
-        torch.einsum("bhls,bhsd->bhld", ds, keys) * scale,
-        (torch.einsum("bhls,bhld->bhsd", ds, q.to(f32)) * scale).view(B, Hkv, group, S, E).sum(2),
+        torch.einsum("bhls,bhsd->bhld", ds_raw, keys) * scale,
+        (torch.einsum("bhls,bhld->bhsd", ds_raw, q.to(f32)) * scale).view(B, Hkv, group, S, E).sum(2),
         torch.einsum("bhls,bhld->bhsd", p_dropped, d_out).view(B, Hkv, group, S, Ev).sum(2),
     )
     outputs = []
@@ -163,13 +204,15 @@ def _dense_backward(grad_out, q, k, v, lse, grad_lse, mask, dropout_p, is_causal
 
 
 def attention_backward(grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state,
-                       mask_needs_grad):
-    """FlashAttention-2 backward: (dq, dk, dv, dmask); dmask (B, Hq, L, S) fp32 = dS when mask_needs_grad."""
+                       mask_needs_grad, rule=None):
+    """FlashAttention-2 backward: (dq, dk, dv, dmask); dmask (B, Hq, L, S) fp32 = dS when mask_needs_grad.
+    The sinks' gradient is ops.py's; sinks enter here only through lse (the weights exp(s - lse) are right)."""
     B, Hq, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
-    if _needs_dense_backward(q, E, Ev, dropout_p) or _lse_loses_precision(lse, mask):
+    rule = ScoreRule() if rule is None else rule
+    if _needs_dense_backward(q, E, Ev, dropout_p, rule) or _lse_loses_precision(lse, mask):
         return _dense_backward(grad_out, q, k, v, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state,
-                               mask_needs_grad)
+                               mask_needs_grad, rule)
     dev = q.device
     lse = lse.contiguous()  # our own forward output: already contiguous, so no copy
     delta = torch.empty((B, Hq, L), dtype=torch.float32, device=dev)
@@ -193,18 +236,19 @@ def attention_backward(grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, i
     mask_t, mask_strides, has_mask, mask_is_bool = _mask_args(mask, dq)
     rng = _check_rng(rng_state, dropout_p, dev)
     rng_t = rng if rng is not None else delta
-    common = dict(HEAD_DIM=E, HEAD_DIM_V=Ev, IS_CAUSAL=bool(is_causal), HAS_MASK=has_mask,
+    alibi_t, rule_scalars, rule_flags = _rule_args(rule, is_causal, L, S, delta)
+    common = dict(**rule_scalars, **rule_flags, HEAD_DIM=E, HEAD_DIM_V=Ev, IS_CAUSAL=bool(is_causal), HAS_MASK=has_mask,
                   MASK_IS_BOOL=mask_is_bool, HAS_DROPOUT=rng is not None, DOT_PRECISION=_dot_precision(q.dtype),
                   BLOCK_D=_block(E), BLOCK_DV=_block(Ev))
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *mask_strides)
     split = _split_dkdv(max(_block(E), _block(Ev)), q.dtype)
     for do_dk, do_dv in (((False, True), (True, False)) if split else ((True, True),)):
         _launch(_attn_bwd_dkdv, lambda meta: triton.cdiv(S, meta["BLOCK_N"]) * B * Hkv,
-                q, k, v, grad_out, mask_t, rng_t, score_lse, delta, dk, dv, *strides,
+                q, k, v, grad_out, mask_t, rng_t, alibi_t, score_lse, delta, dk, dv, *strides,
                 Hq, Hkv, L, S, Hq // Hkv, float(scale), float(dropout_p), _seq_bucket(L), _seq_bucket(S),
                 DO_DK=do_dk, DO_DV=do_dv, **common)
     _launch(_attn_bwd_dq, lambda meta: triton.cdiv(L, meta["BLOCK_M"]) * B * Hq,
-            q, k, v, grad_out, mask_t, rng_t, score_lse, delta, dq, dmask if write_dmask else dq, *strides,
+            q, k, v, grad_out, mask_t, rng_t, alibi_t, score_lse, delta, dq, dmask if write_dmask else dq, *strides,
             Hq, L, S, Hq // Hkv, float(scale), float(dropout_p), _seq_bucket(L), _seq_bucket(S),
             WRITE_DMASK=write_dmask, **common)
     return dq, dk, dv, dmask

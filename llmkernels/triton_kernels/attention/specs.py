@@ -54,6 +54,11 @@ _FLAG_SETS = {
     "base": dict(IS_CAUSAL=True, HAS_MASK=True, MASK_IS_BOOL=False, HAS_DROPOUT=False),
     "dropout": dict(IS_CAUSAL=True, HAS_MASK=True, MASK_IS_BOOL=False, HAS_DROPOUT=True),
 }
+# The score rule's heaviest code, compiled on top of each variant's flags (same configs): a window's left side
+# with causality (three key phases: the window's left edge, plain, the diagonal), softcap (tanh per score, and
+# its gradient factor live in the backward), ALiBi and sinks.
+_RULE_FLAGS = dict(WINDOW_LEFT=True, WINDOW_RIGHT=False, HAS_SOFTCAP=True, HAS_ALIBI=True, HAS_SINKS=True)
+_NO_RULE = dict(WINDOW_LEFT=False, WINDOW_RIGHT=False, HAS_SOFTCAP=False, HAS_ALIBI=False, HAS_SINKS=False)
 
 
 def _common_args(dtype, head_dim, flags):
@@ -71,6 +76,8 @@ def _common_args(dtype, head_dim, flags):
                  Mask="*fp32" if flags.get("HAS_MASK") else dt,
                  RngState="*i64" if flags.get("HAS_DROPOUT") else "*fp32",
                  Lse="*fp32", ScoreLse="*fp32", Delta="*fp32", dMask="*fp32" if flags.get("WRITE_DMASK") else dt,
+                 Alibi="*fp32", Sinks="*fp32", diag=7, win_left=4095, win_right=0, softcap=30.0, stride_alibi_b=H,
+                 stride_alibi_h=1, stride_sinks=1,
                  Hq=H, Hkv=H // 2, L=L, S=L, GROUP=2, scale=0.1, dropout_p=0.1, L_BUCKET=L, S_BUCKET=L,
                  HEAD_DIM=D, HEAD_DIM_V=D, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
                  BLOCK_D=D, BLOCK_DV=D, EVEN_M=L % 128 == 0, DO_DK=True, DO_DV=True, **flags)
@@ -82,7 +89,8 @@ _KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_
 
 def compile_specs(arch: int) -> list:
     """Every (kernel, dtype, head-dim bucket, variant, config) the autotuner can pick on sm_<arch>, compiled with
-    the heaviest flags of its variant, plus the preprocess kernel. Head dims below 64 share the 64 bucket and are
+    the heaviest flags of its variant, without and with the score rule's heaviest flags (``_RULE_FLAGS``), plus
+    the preprocess kernel. Head dims below 64 share the 64 bucket and are
     compiled at 64 (its largest tiles); E != Ev takes the bucket of the larger. Where dK and dV are split
     (_split_dkdv), each of the two launches is a spec. fp32 has one config list for both variants, compiled with
     dropout."""
@@ -95,17 +103,18 @@ def compile_specs(arch: int) -> list:
                 parts = [(True, True)]
                 if kernel == "dkdv" and _split_dkdv(bucket, dtype):
                     parts = [(True, False), (False, True)]
-                for variant in variants:
-                    for cfg in _configs_for(arch, kernel, precision, bucket, variant) or []:
+                for variant, rule in ((v, r) for v in variants for r in (False, True)):
+                    for cfg in _configs_for(arch, kernel, precision, bucket, variant, rule) or []:
                         for do_dk, do_dv in parts:
-                            flags = dict(_FLAG_SETS[variant])
+                            flags = dict(_FLAG_SETS[variant], **(_RULE_FLAGS if rule else _NO_RULE))
                             if kernel == "dq":
                                 flags["WRITE_DMASK"] = True
                             args = _common_args(dtype, bucket, flags)
                             args.update(BLOCK_M=cfg.kwargs["BLOCK_M"], BLOCK_N=cfg.kwargs["BLOCK_N"], DO_DK=do_dk,
                                         DO_DV=do_dv)
                             part = "" if (do_dk and do_dv) else (" dK" if do_dk else " dV")
-                            name = (f"attn_{kernel}{part} {_TRITON_DTYPE[dtype]} d{bucket} {variant} "
+                            name = (f"attn_{kernel}{part} {_TRITON_DTYPE[dtype]} d{bucket} {variant}"
+                                    f"{' rule' if rule else ''} "
                                     f"M{cfg.kwargs['BLOCK_M']} N{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} "
                                     f"s{cfg.num_stages}")
                             specs.append(_spec(name, fn, args, cfg, expect_mma=dtype != torch.float32))

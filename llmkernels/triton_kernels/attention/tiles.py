@@ -1,6 +1,10 @@
 """The ``@triton.jit`` helpers every attention kernel shares: tile loads, the score rule, the dropout pattern,
 and the opening of the kernels that own one query block (forward and dQ).
 
+- The score rule (contract.ScoreRule) under constexpr flags too: softcap (HAS_SOFTCAP; ``_tanh`` from exp2),
+  ALiBi (HAS_ALIBI), the window's sides (WINDOW_LEFT, WINDOW_RIGHT) with the alignment's diagonal offset
+  ``diag`` (a runtime int, 0 top-left), and sinks in the forward (HAS_SINKS). Which blocks are visited is
+  ranges.py's.
 - Masks are read tile by tile through their own strides (stride 0 on broadcast dims: a (L, S) mask costs one
   L x S read per (batch, head), from L2), never expanded. Optional features are constexpr flags (HAS_MASK,
   MASK_IS_BOOL, IS_CAUSAL, HAS_DROPOUT, WRITE_DMASK), so a call without them compiles to none of their code.
@@ -27,6 +31,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .ranges import _key_range, _visible
 
 
 @triton.jit
@@ -81,13 +87,55 @@ def _dropout_keep_mask_kernel(RngState, Keep, L, S, dropout_p, BLOCK_M: tl.const
 
 
 @triton.jit
-def _score_scale(scale, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr):
-    """The factor of q.k in the scores: ``scale`` (natural units) with a float mask, else ``scale * log2(e)``."""
+def _score_unit(HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr):
+    """The factor from natural-log units to the kernel's score units: 1 with a float mask, else log2(e)."""
     if HAS_MASK and not MASK_IS_BOOL:
-        qk_scale = scale
+        unit = 1.0
     else:
-        qk_scale = scale * 1.4426950408889634  # base 2: exp(x * scale) = exp2(x * scale * log2(e))
-    return qk_scale
+        unit = 1.4426950408889634  # base 2: exp(x) = exp2(x * log2(e))
+    return unit
+
+
+@triton.jit
+def _score_scale(scale, softcap, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """(qk_scale, cap_unit): the factor of q.k in the scores, and with a softcap c the factor of the tanh.
+
+    Without softcap the score is q.k * scale in the kernel's units (``_score_unit``). With it, q.k * scale / c is
+    the tanh argument and the capped score is c * tanh(.) in the kernel's units: ``cap_unit`` = c * unit."""
+    unit = _score_unit(HAS_MASK, MASK_IS_BOOL)
+    if HAS_SOFTCAP:
+        qk_scale = scale / softcap
+        cap_unit = softcap * unit
+    else:
+        qk_scale = scale * unit
+        cap_unit = unit
+    return qk_scale, cap_unit
+
+
+@triton.jit
+def _tanh(x):
+    """tanh in fp32 from exp2 (tl has no tanh on every Triton version), accurate to a few ulp everywhere.
+
+    |x| >= 0.25: (1 - e) / (1 + e) with e = exp(-2|x|) in (0, 1], which cannot overflow (inf gives +-1). Below
+    0.25, 1 - e would cancel, so the odd Taylor series to x^9 is used (its x^11 term is under 2e-8 relative
+    there). NaN stays NaN."""
+    ax = tl.abs(x)
+    e = tl.math.exp2(ax * -2.8853900817779268)  # exp(-2|x|) = exp2(-2|x| log2(e))
+    big = (1.0 - e) / (1.0 + e)
+    big = tl.where(x < 0, -big, big)
+    x2 = x * x
+    small = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+        -0.05396825396825397 + x2 * 0.021869488536155203))))
+    return tl.where(ax < 0.25, small, big)
+
+
+@triton.jit
+def _tanh_grad(x):
+    """1 - tanh(x)^2 without cancellation near |tanh| = 1: 4e / (1 + e)^2 with e = exp(-2|x|) (exact
+    identity), and 1 - t^2 from the series where |x| < 0.25 (t^2 < 0.06, nothing cancels)."""
+    e = tl.math.exp2(tl.abs(x) * -2.8853900817779268)
+    t = _tanh(x)
+    return tl.where(tl.abs(x) < 0.25, 1.0 - t * t, 4.0 * e / ((1.0 + e) * (1.0 + e)))
 
 
 @triton.jit
@@ -101,15 +149,19 @@ def _exp_scores(x, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr):
 
 
 @triton.jit
-def _masked_scores(s, mask_ptrs, row_ok, col_ok, offs_m, offs_n, HAS_MASK: tl.constexpr,
-                   MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, CHECK: tl.constexpr):
-    """Apply the user mask, the causal rule and the key bound to scores ``s`` (a tile in any orientation), in the
-    units ``_score_scale`` chose: natural with a float mask, base 2 otherwise.
+def _masked_scores(s, mask_ptrs, row_ok, col_ok, offs_m, offs_n, diag, win_left, win_right, slope,
+                   HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                   LEFT: tl.constexpr, RIGHT: tl.constexpr, CHECK: tl.constexpr):
+    """Steps 3-4 of the score rule on the (capped) scores ``s`` (a tile in any orientation), in the units
+    ``_score_scale`` chose: ALiBi, the user mask, then (CHECK) the causal/window rule and the key bound.
 
     offs_m / offs_n, row_ok / col_ok are shaped so that they broadcast against ``s`` (query index along one axis,
-    key index along the other). The mask tile is always loaded with both bounds, because it is a separate tensor
-    whose rows and columns end where L and S end, whatever phase the caller is in.
+    key index along the other). ``slope`` is the ALiBi slope of this head in the kernel's units. The mask tile
+    is always loaded with both bounds, because it is a separate tensor whose rows and columns end where L and S
+    end, whatever phase the caller is in.
     """
+    if HAS_ALIBI:
+        s = s - slope * tl.abs(offs_m + diag - offs_n).to(tl.float32)
     if HAS_MASK:
         user_mask = tl.load(mask_ptrs, mask=row_ok & col_ok, other=0)
         if MASK_IS_BOOL:
@@ -119,23 +171,26 @@ def _masked_scores(s, mask_ptrs, row_ok, col_ok, offs_m, offs_n, HAS_MASK: tl.co
             s = s + user_mask.to(tl.float32)
     if CHECK:
         visible = col_ok
-        if IS_CAUSAL:
-            visible = visible & (offs_n <= offs_m)
+        if LEFT or RIGHT:
+            visible = visible & _visible(offs_m, offs_n, diag, win_left, win_right, LEFT, RIGHT)
         s = tl.where(visible, s, float("-inf"))
     return s
 
 
 @triton.jit
 def _query_block(Q, K, V, Mask, RngState, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh,
-                 stride_vb, stride_vh, stride_mask_b, stride_mask_h, stride_mask_m, Hq, L, S, GROUP,
-                 HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                 HAS_DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 stride_vb, stride_vh, stride_mask_b, stride_mask_h, stride_mask_m, Hq, L, S, GROUP, diag,
+                 win_left, win_right, HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr,
+                 WINDOW_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The opening of a kernel with one program per (query block, batch*head), the forward and dQ: which block
     this program owns, its Q tile, the bases of its K/V head and mask rows, its Philox state, and the key range.
 
-    Returns (bh, off_b, off_h, offs_m, row_ok, q, K_base, V_base, mask_base, seed, philox_rows, n_plain, hi):
-    keys [0, n_plain) need no per-element test (in bounds and, when causal, left of every row of this block),
-    keys [n_plain, hi) are the causal diagonal and/or the ragged last block, keys >= hi are never visited.
+    Returns (bh, off_b, off_h, offs_m, row_ok, q, K_base, V_base, mask_base, seed, philox_rows, lo, plain_lo,
+    plain_hi, hi): keys [plain_lo, plain_hi) need no per-element test (in bounds and visible to every row of
+    this block under the causal/window rule), keys [lo, plain_lo) (a window's left edge) and [plain_hi, hi) (the
+    causal diagonal, a window's right edge, the ragged last block) do; keys outside [lo, hi) are never visited
+    (ranges._key_range).
     """
     # One flat grid axis (CUDA's second and third axes stop at 65535): query blocks of one head are
     # neighbours, so they share that head's K/V in L2. Causal: the longest rows (last query blocks) start first,
@@ -170,11 +225,7 @@ def _query_block(Q, K, V, Mask, RngState, stride_qb, stride_qh, stride_qm, strid
         seed = tl.load(RngState)
         philox_rows = tl.load(RngState + 1) + (bh.to(tl.int64) * L + offs_m) * S
 
-    n_in_bounds = (S // BLOCK_N) * BLOCK_N
-    if IS_CAUSAL:
-        hi = tl.minimum(S, start_m + BLOCK_M)
-        n_plain = tl.minimum((start_m // BLOCK_N) * BLOCK_N, n_in_bounds)
-    else:
-        hi = S
-        n_plain = n_in_bounds
-    return bh, off_b, off_h, offs_m, row_ok, q, K_base, V_base, mask_base, seed, philox_rows, n_plain, hi
+    lo, plain_lo, plain_hi, hi = _key_range(start_m, L, S, diag, win_left, win_right, WINDOW_LEFT,
+                                            IS_CAUSAL or WINDOW_RIGHT, BLOCK_M, BLOCK_N)
+    return (bh, off_b, off_h, offs_m, row_ok, q, K_base, V_base, mask_base, seed, philox_rows, lo, plain_lo,
+            plain_hi, hi)
