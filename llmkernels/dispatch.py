@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib
 import os
 from typing import Optional
 
@@ -84,8 +85,40 @@ def _cuda_capability(device: torch.device) -> tuple:
     return torch.cuda.get_device_capability(device)
 
 
-class TritonBackend:
+class _KernelCalls:
+    """The kernel calls every backend makes the same way: forward to its modules' functions of the same names
+    (``attention_forward``, ``attention_backward``, ``masked_softmax_forward``, ``masked_softmax_backward``).
+    The modules are imported on the first call, not with dispatch: importing them decorates Triton kernels or
+    loads the CUDA extension, which a call that picks another backend must not pay for (or fail on). The function
+    is looked up at each call, so a test that replaces a module's function reaches it."""
+
+    ATTENTION_MODULE = ""  # relative to the package, set by each backend
+    SOFTMAX_MODULE = ""
+
+    def _module(self, name: str):
+        return importlib.import_module(name, __package__)
+
+    def attention_forward(self, q, k, v, mask, dropout_p, is_causal, scale, rng_state, rule):
+        return self._module(self.ATTENTION_MODULE).attention_forward(q, k, v, mask, dropout_p, is_causal, scale,
+                                                                     rng_state, rule)
+
+    def attention_backward(self, grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state,
+                           mask_needs_grad, rule):
+        return self._module(self.ATTENTION_MODULE).attention_backward(grad_out, q, k, v, out, lse, grad_lse, mask,
+                                                                      dropout_p, is_causal, scale, rng_state,
+                                                                      mask_needs_grad, rule)
+
+    def softmax_forward(self, *args):
+        return self._module(self.SOFTMAX_MODULE).masked_softmax_forward(*args)
+
+    def softmax_backward(self, *args):
+        return self._module(self.SOFTMAX_MODULE).masked_softmax_backward(*args)
+
+
+class TritonBackend(_KernelCalls):
     name = "triton"
+    ATTENTION_MODULE = ".triton_kernels.attention"
+    SOFTMAX_MODULE = ".triton_kernels.softmax"
     # Head dims the kernels take: every size up to this (padded to a power of two on chip).
     MAX_HEAD_DIM = 256
 
@@ -129,27 +162,10 @@ class TritonBackend:
     def softmax_reasons(self, a: SoftmaxArgs) -> list:
         return self._device_reasons(a.x, self._float_dtypes(a.x, a.mask))
 
-    def attention_forward(self, q, k, v, mask, dropout_p, is_causal, scale, rng_state, rule):
-        from .triton_kernels import attention
-        return attention.attention_forward(q, k, v, mask, dropout_p, is_causal, scale, rng_state, rule)
 
-    def attention_backward(self, grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state,
-                           mask_needs_grad, rule):
-        from .triton_kernels import attention
-        return attention.attention_backward(grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, is_causal, scale,
-                                            rng_state, mask_needs_grad, rule)
-
-    def softmax_forward(self, *args):
-        from .triton_kernels import softmax
-        return softmax.masked_softmax_forward(*args)
-
-    def softmax_backward(self, *args):
-        from .triton_kernels import softmax
-        return softmax.masked_softmax_backward(*args)
-
-
-class CudaBackend:
+class CudaBackend(_KernelCalls):
     name = "cuda"
+    ATTENTION_MODULE = SOFTMAX_MODULE = ".cuda_ext"
 
     def _device_reasons(self, t: torch.Tensor) -> list:
         if t.device.type != "cuda":
@@ -168,51 +184,18 @@ class CudaBackend:
     def softmax_reasons(self, a: SoftmaxArgs) -> list:
         return self._device_reasons(a.x)
 
-    def attention_forward(self, q, k, v, mask, dropout_p, is_causal, scale, rng_state, rule):
-        from . import cuda_ext
-        return cuda_ext.attention_forward(q, k, v, mask, dropout_p, is_causal, scale, rng_state, rule)
 
-    def attention_backward(self, grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state,
-                           mask_needs_grad, rule):
-        from . import cuda_ext
-        return cuda_ext.attention_backward(grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, is_causal, scale,
-                                           rng_state, mask_needs_grad, rule)
-
-    def softmax_forward(self, *args):
-        from . import cuda_ext
-        return cuda_ext.masked_softmax_forward(*args)
-
-    def softmax_backward(self, *args):
-        from . import cuda_ext
-        return cuda_ext.masked_softmax_backward(*args)
-
-
-class ReferenceBackend:
+class ReferenceBackend(_KernelCalls):
     """PyTorch implementation of the contract: any device, float32 arithmetic for half-precision inputs."""
 
     name = "reference"
+    ATTENTION_MODULE = SOFTMAX_MODULE = ".torch_backend"
 
     def attention_reasons(self, a: AttentionArgs) -> list:
         return []
 
     def softmax_reasons(self, a: SoftmaxArgs) -> list:
         return []
-
-    def attention_forward(self, *args):
-        from . import torch_backend
-        return torch_backend.attention_forward(*args)
-
-    def attention_backward(self, *args):
-        from . import torch_backend
-        return torch_backend.attention_backward(*args)
-
-    def softmax_forward(self, *args):
-        from . import torch_backend
-        return torch_backend.masked_softmax_forward(*args)
-
-    def softmax_backward(self, *args):
-        from . import torch_backend
-        return torch_backend.masked_softmax_backward(*args)
 
 
 BACKENDS = {b.name: b for b in (TritonBackend(), CudaBackend(), ReferenceBackend())}

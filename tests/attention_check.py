@@ -7,6 +7,10 @@ the same reference computed naively in the input dtype) on the output, the lse a
 and a float mask's); the gradient also flows in through lse. With dropout, the rng_state the op draws is captured
 (by wrapping ``ops._new_rng_state``) and the backend's ``keep_mask`` regenerates the keep pattern the kernels
 used, which the reference is then given.
+
+The variant tests (tests/test_variants_triton.py, tests/test_variants_cuda.py, tests/test_variants_reference.py)
+use the same check for their backend: ``hidden_keys`` fills keys the score rule hides with NaN in our op's K and
+V only, so a kernel that reads them fails the rule while the references see the clean values.
 """
 
 import torch
@@ -27,7 +31,8 @@ def _grads(out, lse, inputs, grad_out, grad_lse):
 
 
 def check_attention(backend, keep_mask, q, k, v, mask=None, *, is_causal=False, scale=None, enable_gqa=False,
-                    dropout_p=0.0, grad_out=None, mask_grad=True, lse_grad=True, seed=0, sinks=None, **variant):
+                    dropout_p=0.0, grad_out=None, mask_grad=True, lse_grad=True, seed=0, sinks=None, hidden_keys=None,
+                    **variant):
     """Run ours (``backend``) and the references on the same leaves; assert the tolerance rule on everything.
 
     q, k, v in the test dtype; ``mask`` a broadcastable bool/float mask (a float mask gets a gradient when
@@ -39,13 +44,20 @@ def check_attention(backend, keep_mask, q, k, v, mask=None, *, is_causal=False, 
     (, dsinks)]); the tensors our op was called with are left in ``check_attention.last_inputs`` (for the no-copy
     tests). The variants (``window_size``, ``causal_alignment``, ``softcap``, ``alibi_slopes`` float32, ``sinks``,
     a leaf whose gradient is checked too) go to both sides; the float64 reference takes float64 slopes.
+    ``hidden_keys``: a slice of key positions set to NaN in the K and V our op gets (keys the rule hides from every
+    query, which the kernels must skip; the references get the clean values, which do not change the result).
     """
     dtype, device = q.dtype, q.device
     gen = torch.Generator().manual_seed(seed + 1)
     float_mask = mask is not None and mask.dtype != torch.bool
     mask_leaf = mask_grad and float_mask
 
-    ours_in = [leaf(q), leaf(k), leaf(v), leaf(mask) if mask_leaf else mask,
+    ours_k, ours_v = k, v
+    if hidden_keys is not None:
+        ours_k, ours_v = k.clone(), v.clone()
+        ours_k[..., hidden_keys, :] = float("nan")
+        ours_v[..., hidden_keys, :] = float("nan")
+    ours_in = [leaf(q), leaf(ours_k), leaf(ours_v), leaf(mask) if mask_leaf else mask,
                leaf(sinks) if sinks is not None else None]
     drawn = {}
     original = ops._new_rng_state

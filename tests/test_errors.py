@@ -198,8 +198,6 @@ VARIANT_CASES = [
     ("reference_alibi_float64_needs_float64_inputs",
      lambda: reference.scaled_dot_product_attention(q0, k0, v0, alibi_slopes=torch.rand(H).double()), TypeError,
      r"alibi_slopes has dtype torch.float64; it must be float32$"),
-    ("triton_backend_variant", lambda: sdpa(q0, k0, v0, softcap=1.0, backend="triton"), llmkernels.NotSupportedError,
-     r"(?s)backend 'triton' does not support .*window_size/softcap/alibi_slopes/sinks/bottom_right alignment"),
 ]
 
 SOFTMAX_CASES = [
@@ -271,11 +269,13 @@ def test_routing_bad_arguments(no_kernel_runs):
     assert not llmkernels.sdpa_routing_enabled()
 
 
-def test_huggingface_softcap_is_refused(no_kernel_runs):
+def test_huggingface_refuses_a_keyword_it_cannot_honour(no_kernel_runs):
+    # softcap, sliding_window and s_aux are honoured (tests/test_huggingface_variants.py); a head_mask is not, and
+    # it changes what attention computes, so it is refused rather than dropped.
     pytest.importorskip("transformers")
     from llmkernels.integrations import huggingface
-    with pytest.raises(ValueError, match=r"does not support softcap"):
-        huggingface.attention_forward(torch.nn.Module(), q0, k0, v0, None, softcap=30.0)
+    with pytest.raises(ValueError, match=r"does not support head_mask"):
+        huggingface.attention_forward(torch.nn.Module(), q0, k0, v0, None, head_mask=torch.ones(2))
 
 
 def test_auto_falls_back_where_the_backend_cannot_take_the_head_dim():

@@ -24,6 +24,7 @@ from transformers import masking_utils  # noqa: E402
 from llmkernels import ops  # noqa: E402
 from llmkernels.integrations import huggingface as lk_hf  # noqa: E402
 from runnable import default_dispatch  # noqa: E402
+from test_huggingface import _run  # noqa: E402  (logits, loss and gradients of one training step)
 from tolerance import assert_by_rule  # noqa: E402
 
 VOCAB, SEQ, WINDOW = 64, 24, 8
@@ -140,14 +141,6 @@ def _batch(padding, device, batch=3):
     before = torch.cat([torch.zeros(batch, 1, dtype=mask.dtype), mask[:, :-1]], dim=1)
     labels = ids.masked_fill((mask == 0) | (before == 0), -100)
     return ids.to(device), mask.to(device), labels.to(device)
-
-
-def _run(model, ids, mask, labels):
-    model.zero_grad(set_to_none=True)
-    out = model(input_ids=ids, attention_mask=mask, labels=labels)
-    out.loss.backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    return out.logits, out.loss, grads
 
 
 @pytest.mark.parametrize("padding", ["left", "right"])

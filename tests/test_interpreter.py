@@ -212,8 +212,9 @@ def _attention_inputs(dtype, mask_dtype=None):
     return q, k, v, mask
 
 
-@pytest.mark.skipif(dispatch._TRITON_IMPORT_ERROR is not None, reason="triton is not importable")
-def test_unfixable_bf16_bug_declines_bf16_only(monkeypatch):
+def _simulate_unfixable_bf16_dot(monkeypatch):
+    """Simulate an interpreter whose bf16 tl.dot bug the probe finds and no fix cures; returns the list the probe
+    appends to on each run (it must run once, then its outcome is cached)."""
     probed = []
 
     def probe():
@@ -222,6 +223,12 @@ def test_unfixable_bf16_bug_declines_bf16_only(monkeypatch):
 
     _simulate(monkeypatch, interpreter.Fix("bf16_dot", (torch.bfloat16,), "computes bf16 tl.dot wrongly", probe,
                                            _cannot_fix))
+    return probed
+
+
+@pytest.mark.skipif(dispatch._TRITON_IMPORT_ERROR is not None, reason="triton is not importable")
+def test_unfixable_bf16_bug_declines_bf16_only(monkeypatch):
+    probed = _simulate_unfixable_bf16_dot(monkeypatch)
     triton_backend = dispatch.get_backend("triton")
     q, k, v, _ = _attention_inputs(torch.bfloat16)
     args = contract.check_attention(q, k, v)
@@ -292,14 +299,7 @@ def test_marker_is_what_torch_compilers_assume_constant_result_sets():
 @pytest.mark.skipif(dispatch._TRITON_IMPORT_ERROR is not None, reason="triton is not importable")
 def test_first_probe_inside_torch_compile_fullgraph(monkeypatch):
     """The first use may be inside a compiled function: the probe runs at trace time, and the graph compiles."""
-    probed = []
-
-    def probe():
-        probed.append(1)
-        return "max |error| 8e8"
-
-    _simulate(monkeypatch, interpreter.Fix("bf16_dot", (torch.bfloat16,), "computes bf16 tl.dot wrongly", probe,
-                                           _cannot_fix))
+    probed = _simulate_unfixable_bf16_dot(monkeypatch)
     q, k, v, _ = _attention_inputs(torch.bfloat16)
     torch._dynamo.reset()
     try:

@@ -11,77 +11,25 @@ the matrix is chosen so that each feature meets each other feature, each alignme
 import pytest
 import torch
 
-import llmkernels
-from llmkernels import cuda_ext, ops, reference
+from llmkernels import cuda_ext
+from attention_check import check_attention
 from test_cuda_backend import DTYPES, emulation, ext, target  # noqa: F401  (fixtures)
-from tolerance import assert_by_rule
 
 
-def _leaf(t):
-    return t.detach().clone().requires_grad_(True)
-
-
-def check_rule_cuda(q, k, v, mask=None, *, poison_keys=(0, 0), seed=0, **kw):
-    """Ours on the cuda backend vs the float64 reference and the naive input-dtype reference on the same leaves, by
-    the tolerance rule: out, lse, dq, dk, dv, a float mask's and the sinks' gradients (the gradient also flows in
-    through lse). ``poison_keys`` (start, stop): ours gets K and V with those keys set to NaN (blocks the kernels must
-    skip), the references the clean values (hidden keys do not change the result). With dropout, the kernels' keep
-    pattern is regenerated from the rng_state the op drew. Returns (out, lse, {name: gradient})."""
-    dtype = q.dtype
-    g = torch.Generator().manual_seed(seed + 7)
+def check_rule_cuda(q, k, v, mask=None, *, seed=0, **kw):
+    """The shared check (tests/attention_check.py) on the cuda backend, GQA on: out, lse, dq, dk, dv, a float mask's
+    and the sinks' gradients against the float64 reference by the tolerance rule, the kernels' own dropout keep
+    pattern; ``hidden_keys`` NaN-fills keys the kernels must skip. Every gradient must also be finite. Returns
+    (out, lse, {name: gradient})."""
     float_mask = mask is not None and mask.dtype != torch.bool
-    sinks = kw.pop("sinks", None)
-    kp, vp = k.clone(), v.clone()
-    kp[:, :, slice(*poison_keys)] = float("nan")
-    vp[:, :, slice(*poison_keys)] = float("nan")
-    ours_in = [_leaf(q), _leaf(kp), _leaf(vp), _leaf(mask) if float_mask else mask,
-               _leaf(sinks) if sinks is not None else None]
-    drawn = {}
-    original = ops._new_rng_state
-
-    def capture(dev):
-        drawn["state"] = original(dev)
-        return drawn["state"]
-
-    ops._new_rng_state = capture
-    try:
-        out, lse = llmkernels.scaled_dot_product_attention(*ours_in[:4], sinks=ours_in[4], enable_gqa=True,
-                                                           return_lse=True, backend="cuda", **kw)
-    finally:
-        ops._new_rng_state = original
-    keep = None
-    if kw.get("dropout_p", 0.0) > 0:
-        keep = cuda_ext.dropout_keep_mask(drawn["state"], (*out.shape[:3], k.shape[-2]), kw["dropout_p"], q.device)
-    grad_out = torch.randn(out.shape, generator=g).to(q.device)
-    grad_lse = torch.randn(lse.shape, generator=g).to(q.device)
-
-    def grads(o, l, ins):
-        wanted = [t for t in ins if t is not None and t.requires_grad]
-        return torch.autograd.grad([o, l], wanted, [grad_out.to(o.dtype), grad_lse.to(l.dtype)])
-
-    ours_grads = grads(out, lse, ours_in)
-
-    def run_reference(cast, compute_dtype):
-        ins = [_leaf(t.to(cast)) for t in (q, k, v)] + [_leaf(mask.to(cast)) if float_mask else mask]
-        ins.append(_leaf(sinks.to(cast)) if sinks is not None else None)
-        slopes = kw.get("alibi_slopes")
-        rkw = dict(kw, alibi_slopes=None if slopes is None else slopes.to(
-            torch.float64 if cast == torch.float64 else torch.float32))
-        o, l = reference.scaled_dot_product_attention(*ins[:4], sinks=ins[4], enable_gqa=True, return_lse=True,
-                                                      dropout_mask=keep, compute_dtype=compute_dtype, **rkw)
-        return o, l, grads(o, l, ins)
-
-    ref_out, ref_lse, ref_grads = run_reference(torch.float64, torch.float64)
-    naive_out, naive_lse, naive_grads = run_reference(dtype, None)
-    assert out.dtype == dtype and lse.dtype == torch.float32
-    assert_by_rule("out", out, ref_out, naive_out, dtype)
-    assert_by_rule("lse", lse, ref_lse, naive_lse, dtype)
-    names = ["dq", "dk", "dv"] + (["dmask"] if float_mask else []) + (["dsinks"] if sinks is not None else [])
-    assert len(ours_grads) == len(names)
-    for name, ours_g, ref_g, naive_g in zip(names, ours_grads, ref_grads, naive_grads):
-        assert torch.isfinite(ours_g).all(), name
-        assert_by_rule(name, ours_g, ref_g, naive_g, dtype)
-    return out, lse, dict(zip(names, ours_grads))
+    out, lse, grads = check_attention("cuda", cuda_ext.dropout_keep_mask, q, k, v, mask, enable_gqa=True, seed=seed,
+                                      **kw)
+    names = ["dq", "dk", "dv"] + (["dmask"] if float_mask else []) + (["dsinks"] if kw.get("sinks") is not None
+                                                                      else [])
+    assert len(grads) == len(names)
+    for name, grad in zip(names, grads):
+        assert torch.isfinite(grad).all(), name
+    return out, lse, dict(zip(names, grads))
 
 
 def _inputs(B, Hq, Hkv, L, S, E, Ev, dtype, device, seed, spread=1.0):
@@ -176,7 +124,7 @@ def test_hidden_key_blocks_are_never_read(target, name):
     L, S, dtype = 16, 300, torch.float16
     q, k, v, gen = _inputs(1, 2, 1, L, S, 32, 32, dtype, target, seed=5, spread=2.0)
     kw, mask = _rule_kwargs(cfg, 1, 2, L, S, gen, target, dtype)
-    out, lse, grads = check_rule_cuda(q, k, v, mask, poison_keys=poison, seed=3, **kw)
+    out, lse, grads = check_rule_cuda(q, k, v, mask, hidden_keys=slice(*poison), seed=3, **kw)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     hidden = slice(*poison)
     assert (grads["dk"][:, :, hidden] == 0).all() and (grads["dv"][:, :, hidden] == 0).all()
@@ -199,25 +147,30 @@ def test_block_ranges_match_brute_force(target, emulation):
                 for bottom_right in (False, True):
                     cases.append((L, S, causal, S - L if bottom_right else 0, left, right))
     for L, S, causal, d, left, right in cases:
+        def visible(i, j):
+            return _brute_visible(causal, d, left, right, i, j)
+
         for tile in (1, 4, 8):
-            for m0 in range(0, L, tile):
-                m1 = min(L, m0 + tile)
-                seen = [j for j in range(S) if any(_brute_visible(causal, d, left, right, i, j) for i in range(m0, m1))]
-                begin, end = module.attention_key_range(causal, d, left, right, S, m0, m1, tile)
-                where = (L, S, causal, d, left, right, tile, m0)
-                if seen:
-                    assert (begin, end) == (seen[0] // tile * tile, seen[-1] + 1), where
-                else:
-                    assert begin >= end, where
-            for n0 in range(0, S, tile):
-                n1 = min(S, n0 + tile)
-                seen = [i for i in range(L) if any(_brute_visible(causal, d, left, right, i, j) for j in range(n0, n1))]
-                begin, end = module.attention_query_range(causal, d, left, right, L, n0, n1, tile)
-                where = (L, S, causal, d, left, right, tile, n0)
-                if seen:
-                    assert (begin, end) == (seen[0] // tile * tile, seen[-1] + 1), where
-                else:
-                    assert begin >= end, where
+            where = (L, S, causal, d, left, right, tile)
+            # key ranges per query block, then query ranges per key block (the pair (i, j) seen from the key side)
+            _check_block_ranges(lambda m0, m1: module.attention_key_range(causal, d, left, right, S, m0, m1, tile),
+                                L, S, tile, visible, where)
+            _check_block_ranges(lambda n0, n1: module.attention_query_range(causal, d, left, right, L, n0, n1, tile),
+                                S, L, tile, lambda j, i: visible(i, j), where)
+
+
+def _check_block_ranges(block_range, n_blocked, n_ranged, tile, visible, where):
+    """For every block [b0, b1) of ``tile`` rows of the blocked axis, ``block_range(b0, b1)`` over the other axis is
+    the tightest a block grid allows around the indices x with some visible(y, x), y in the block (start on a block
+    edge, end at the last such x + 1), and empty when there is none."""
+    for b0 in range(0, n_blocked, tile):
+        b1 = min(n_blocked, b0 + tile)
+        seen = [x for x in range(n_ranged) if any(visible(y, x) for y in range(b0, b1))]
+        begin, end = block_range(b0, b1)
+        if seen:
+            assert (begin, end) == (seen[0] // tile * tile, seen[-1] + 1), (*where, b0)
+        else:
+            assert begin >= end, (*where, b0)
 
 
 def test_rule_arguments_are_checked_by_the_op(target):

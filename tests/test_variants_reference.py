@@ -17,7 +17,7 @@ from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 
 import llmkernels
 from llmkernels import contract, dispatch, ops, reference, torch_backend
-from tolerance import assert_by_rule
+from attention_check import check_attention, leaf
 
 B, HQ, HKV, E, EV = 2, 4, 2, 5, 3
 
@@ -161,68 +161,6 @@ def test_softcap_applies_before_the_mask_and_keeps_hidden_keys_hidden():
 # the reference backend against the float64 reference, forward and backward
 
 
-def _leaf(t):
-    return t.detach().clone().requires_grad_(True)
-
-
-def check_rule_backend(backend, q, k, v, mask=None, *, seed=0, **kw):
-    """Ours on ``backend`` vs the float64 reference and the naive input-dtype reference, on the same leaves, by the
-    tolerance rule: out, lse, dq, dk, dv, a float mask's and the sinks' gradients (gradient also through lse)."""
-    dtype = q.dtype
-    g = torch.Generator().manual_seed(seed + 7)
-    float_mask = mask is not None and mask.dtype != torch.bool
-    sinks = kw.pop("sinks", None)
-    ours_in = [_leaf(q), _leaf(k), _leaf(v), _leaf(mask) if float_mask else mask,
-               _leaf(sinks) if sinks is not None else None]
-    drawn = {}
-    original = ops._new_rng_state
-
-    def capture(dev):
-        drawn["state"] = original(dev)
-        return drawn["state"]
-
-    ops._new_rng_state = capture
-    try:
-        out, lse = llmkernels.scaled_dot_product_attention(*ours_in[:4], sinks=ours_in[4], enable_gqa=True,
-                                                           return_lse=True, backend=backend, **kw)
-    finally:
-        ops._new_rng_state = original
-    keep = None
-    if kw.get("dropout_p", 0.0) > 0:
-        keep = torch_backend.dropout_keep_mask(drawn["state"], (*out.shape[:3], k.shape[-2]), kw["dropout_p"], q.device)
-    grad_out = torch.randn(out.shape, generator=g)
-    grad_lse = torch.randn(lse.shape, generator=g)
-
-    def grads(o, l, ins):
-        wanted = [t for t in ins if t is not None and t.requires_grad]
-        return torch.autograd.grad([o, l], wanted, [grad_out.to(o.dtype), grad_lse.to(l.dtype)])
-
-    ours_grads = grads(out, lse, ours_in)
-
-    def run_reference(cast, compute_dtype):
-        ins = [_leaf(t.to(cast)) for t in (q, k, v)] + [_leaf(mask.to(cast)) if float_mask else mask]
-        ins.append(_leaf(sinks.to(cast)) if sinks is not None else None)
-        slopes = kw.get("alibi_slopes")
-        rkw = dict(kw, alibi_slopes=None if slopes is None else slopes.to(
-            torch.float64 if cast == torch.float64 else torch.float32))
-        o, l = reference.scaled_dot_product_attention(*ins[:4], sinks=ins[4], enable_gqa=True, return_lse=True,
-                                                      dropout_mask=keep, compute_dtype=compute_dtype, **rkw)
-        return o, l, grads(o, l, ins)
-
-    ref_out, ref_lse, ref_grads = run_reference(torch.float64, torch.float64)
-    naive_out, naive_lse, naive_grads = run_reference(dtype, None)
-    assert out.dtype == dtype and lse.dtype == torch.float32
-    assert_by_rule("out", out, ref_out, naive_out, dtype)
-    assert_by_rule("lse", lse, ref_lse, naive_lse, dtype)
-    names = ["dq", "dk", "dv"] + (["dmask"] if float_mask else []) + (["dsinks"] if sinks is not None else [])
-    assert len(ours_grads) == len(names)
-    for name, ours_g, ref_g, naive_g in zip(names, ours_grads, ref_grads, naive_grads):
-        assert ours_g.dtype == {"dmask": mask.dtype if mask is not None else None,
-                                "dsinks": sinks.dtype if sinks is not None else None}.get(name, dtype), name
-        assert_by_rule(name, ours_g, ref_g, naive_g, dtype)
-    return out, lse, dict(zip(names, ours_grads))
-
-
 BACKEND_CASES = {
     "window": (dict(window_size=(2, 1)), 7, 11),
     "mistral_window_causal": (dict(window_size=(3, 0), is_causal=True), 9, 9),
@@ -251,7 +189,9 @@ def test_reference_backend_matches_float64_reference(name, dtype):
     mask = kw.pop("attn_mask", None)
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.float()
-    out, lse, grads = check_rule_backend("reference", q, k, v, mask, seed=L, **kw)
+    # the shared check (tests/attention_check.py): out, lse and every gradient by the tolerance rule
+    out, lse, _ = check_attention("reference", torch_backend.dropout_keep_mask, q, k, v, mask, enable_gqa=True,
+                                  seed=L, **kw)
     if name == "sinks_window_L>S":
         # bottom-right, L - S = 6: query i sees keys i - 7 .. i - 5, so rows 0..4 see none: out 0, lse = sink
         assert (out[:, :, :5] == 0).all()
@@ -277,8 +217,8 @@ def test_auto_runs_variants_on_a_backend_that_has_them():
 @pytest.mark.parametrize("L,S", [(5, 8), (6, 6), (8, 5)])
 def test_causal_bias_equals_pytorch(make, L, S):
     q, k, v, _ = _inputs(L, S, seed=L + 2 * S, dtype=torch.float32)
-    ins = [_leaf(t) for t in (q, k, v)]
-    ref_ins = [_leaf(t) for t in (q, k, v)]
+    ins = [leaf(t) for t in (q, k, v)]
+    ref_ins = [leaf(t) for t in (q, k, v)]
     # (PyTorch warns that lower-right with L > S gives NaN; its math path gives 0 there, as ours.)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

@@ -2,7 +2,9 @@
 sinks, alone and combined with masks, GQA, dropout (the kernels' exact keep pattern), odd sizes, L != S both ways
 and E != Ev; output, lse and every gradient (q, k, v, a float mask, sinks) against the float64 reference under
 the tolerance rule (tests/attention_check.py). In the interpreter the tiles are 16 x 16, so these shapes cross
-block edges in both directions. Also: blocks the causal/window rule hides are never read (NaN-filled)."""
+block edges in both directions. Also: blocks the causal/window rule hides are never read (NaN-filled).
+Every tensor lives on the session's device (tests/conftest.py): CPU through the interpreter here, CUDA on a GPU,
+where the triton backend declines CPU tensors."""
 
 import pytest
 import torch
@@ -19,21 +21,22 @@ def _keep_mask(rng_state, shape, dropout_p, device):
     return triton_attention.dropout_keep_mask(rng_state, *shape, dropout_p, device)
 
 
-def _inputs(B, Hq, Hkv, L, S, E, Ev, dtype, seed):
+def _inputs(B, Hq, Hkv, L, S, E, Ev, dtype, seed, device):
+    # drawn on CPU (one generator, the same numbers on every device), then moved
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, Hq, L, E, generator=g).to(dtype)
-    k = torch.randn(B, Hkv, S, E, generator=g).to(dtype)
-    v = torch.randn(B, Hkv, S, Ev, generator=g).to(dtype)
+    q = torch.randn(B, Hq, L, E, generator=g).to(device, dtype)
+    k = torch.randn(B, Hkv, S, E, generator=g).to(device, dtype)
+    v = torch.randn(B, Hkv, S, Ev, generator=g).to(device, dtype)
     return q, k, v, g
 
 
-def _mask(kind, B, Hq, L, S, g):
+def _mask(kind, B, Hq, L, S, g, device):
     if kind is None:
         return None
     keep = torch.rand(B, 1, L, S, generator=g) < 0.85
     if kind == "bool":
-        return keep
-    return torch.randn(B, 1, L, S, generator=g).masked_fill(~keep, float("-inf"))
+        return keep.to(device)
+    return torch.randn(B, 1, L, S, generator=g).masked_fill(~keep, float("-inf")).to(device)
 
 
 # name: (dtype, B, Hq, Hkv, L, S, E, Ev, mask kind, dropout_p, variant kwargs); "alibi": (B, Hq) slopes,
@@ -58,23 +61,23 @@ CASES = {
 }
 
 
-def _variant(kw, B, Hq, g):
+def _variant(kw, B, Hq, g, device):
     kw = dict(kw)
     alibi = kw.pop("alibi", None)
     if alibi is not None:
-        kw["alibi_slopes"] = torch.rand((B, Hq) if alibi == "alibi" else (Hq,), generator=g) * 0.5
+        kw["alibi_slopes"] = (torch.rand((B, Hq) if alibi == "alibi" else (Hq,), generator=g) * 0.5).to(device)
     if kw.get("sinks"):
-        kw["sinks"] = torch.randn(Hq, generator=g).to(DTYPES[kw["sinks"]])
+        kw["sinks"] = torch.randn(Hq, generator=g).to(device, DTYPES[kw["sinks"]])
     return kw
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_variant_matches_float64_reference(name):
+def test_variant_matches_float64_reference(name, device):
     dt, B, Hq, Hkv, L, S, E, Ev, mask_kind, dropout_p, kw = CASES[name]
     dtype = DTYPES[dt]
-    q, k, v, g = _inputs(B, Hq, Hkv, L, S, E, Ev, dtype, seed=L * S)
-    kw = _variant(kw, B, Hq, g)
-    mask = _mask(mask_kind, B, Hq, L, S, g)
+    q, k, v, g = _inputs(B, Hq, Hkv, L, S, E, Ev, dtype, seed=L * S, device=device)
+    kw = _variant(kw, B, Hq, g, device)
+    mask = _mask(mask_kind, B, Hq, L, S, g, device)
     calls = []
     original = triton_attention.attention_forward
 
@@ -95,24 +98,24 @@ def test_variant_matches_float64_reference(name):
         assert torch.equal(lse[..., :24], kw["sinks"].float().view(1, Hq, 1).expand(B, Hq, 24))
 
 
-def test_auto_runs_variants_on_triton():
-    q, k, v, _ = _inputs(1, 2, 2, 5, 7, 16, 16, torch.float32, seed=1)
-    a = contract.check_attention(q, k, v, softcap=2.0, window_size=(2, 1), sinks=torch.zeros(2))
+def test_auto_runs_variants_on_triton(device):
+    q, k, v, _ = _inputs(1, 2, 2, 5, 7, 16, 16, torch.float32, seed=1, device=device)
+    a = contract.check_attention(q, k, v, softcap=2.0, window_size=(2, 1), sinks=torch.zeros(2, device=device))
     assert dispatch.attention_not_supported_reasons(a)["triton"] == []
     assert dispatch.choose_attention_backend(a, "auto") == "triton"
 
 
-def test_dense_backward_applies_the_rule():
+def test_dense_backward_applies_the_rule(device):
     """The dense backward (configs that spill on a GPU; float-mask rows whose |lse| >= 2^16) applies the same rule
     as the kernels: compared with the Triton backward on a shape that runs it everywhere."""
     B, Hq, Hkv, L, S, E = 1, 2, 1, 21, 26, 16
-    q, k, v, g = _inputs(B, Hq, Hkv, L, S, E, E, torch.float32, seed=5)
-    mask = _mask("float", B, Hq, L, S, g).expand(B, Hq, L, S)
+    q, k, v, g = _inputs(B, Hq, Hkv, L, S, E, E, torch.float32, seed=5, device=device)
+    mask = _mask("float", B, Hq, L, S, g, device).expand(B, Hq, L, S)
     rule = contract.ScoreRule(window_left=4, bottom_right=True, softcap=1.5,
-                              alibi_slopes=(torch.rand(B, Hq, generator=g) * 0.5),
-                              sinks=torch.randn(Hq, generator=g))
-    grad_out = torch.randn(B, Hq, L, E, generator=g)
-    grad_lse = torch.randn(B, Hq, L, generator=g)
+                              alibi_slopes=(torch.rand(B, Hq, generator=g) * 0.5).to(device),
+                              sinks=torch.randn(Hq, generator=g).to(device))
+    grad_out = torch.randn(B, Hq, L, E, generator=g).to(device)
+    grad_lse = torch.randn(B, Hq, L, generator=g).to(device)
     out, lse = triton_attention.attention_forward(q, k, v, mask, 0.0, True, 0.3, None, rule)
     kernels = triton_attention.attention_backward(grad_out, q, k, v, out, lse, grad_lse, mask, 0.0, True, 0.3, None,
                                                   True, rule)
@@ -124,13 +127,13 @@ def test_dense_backward_applies_the_rule():
 
 
 @pytest.mark.filterwarnings("error::RuntimeWarning")
-def test_finfo_min_rows_with_window_take_dense_backward_and_match():
+def test_finfo_min_rows_with_window_take_dense_backward_and_match(device):
     """Float-mask rows at finfo.min on every visible key (|lse| >= 2^16) take _dense_backward: with a window,
     softcap and ALiBi the result still matches the float64 reference. (With sinks such a row's lse is about the
     sink, so the kernels' exp(s - lse) = 0 is exact and the kernels keep it.)"""
     B, H, L, S, E = 1, 2, 19, 23, 16
-    q, k, v, g = _inputs(B, H, H, L, S, E, E, torch.float32, seed=9)
-    mask = torch.zeros(1, H, L, S)
+    q, k, v, g = _inputs(B, H, H, L, S, E, E, torch.float32, seed=9, device=device)
+    mask = torch.zeros(1, H, L, S, device=device)
     mask[..., 3, :] = torch.finfo(torch.float32).min
     called = []
     original = triton_attention.launch._dense_backward
@@ -142,7 +145,7 @@ def test_finfo_min_rows_with_window_take_dense_backward_and_match():
     triton_attention.launch._dense_backward = spy
     try:
         check_attention("triton", _keep_mask, q, k, v, mask, lse_grad=False, window_size=(5, 2), softcap=2.0,
-                        alibi_slopes=torch.rand(H, generator=g))
+                        alibi_slopes=torch.rand(H, generator=g).to(device))
     finally:
         triton_attention.launch._dense_backward = original
     assert called
@@ -171,12 +174,12 @@ SKIP_CASES = {
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("name", list(SKIP_CASES))
-def test_hidden_blocks_are_never_read(name):
+def test_hidden_blocks_are_never_read(name, device):
     L, S, kw, poison = SKIP_CASES[name]
     B, H, E = 1, 2, 16
-    q, k, v, g = _inputs(B, H, H, L, S, E, E, torch.float32, seed=L + S)
-    grad_out = torch.randn(B, H, L, E, generator=g)
-    grad_lse = torch.randn(B, H, L, generator=g)
+    q, k, v, g = _inputs(B, H, H, L, S, E, E, torch.float32, seed=L + S, device=device)
+    grad_out = torch.randn(B, H, L, E, generator=g).to(device)
+    grad_lse = torch.randn(B, H, L, generator=g).to(device)
     check_attention("triton", _keep_mask, q, k, v, None, grad_out=grad_out, seed=3, **kw)
 
     def run(q, k, v, grad_out):

@@ -79,7 +79,9 @@ _FP32 = {
     "dkdv": _table(_variants([_cfg(16, 32, 8, 1)]), _variants([_cfg(16, 16, 8, 1)]), _variants(None)),
     "dq": _table(_variants([_cfg(32, 16, 8, 1)]), _variants([_cfg(16, 16, 8, 1)]), _variants(None)),
 }
-_CONFIGS = {90: {"half": _HALF_SM90, "fp32": _FP32}, 80: {"half": _HALF_SM80, "fp32": _FP32}}
+# sm_90: the fp32 dQ tile at head dims 65-128 spills there (see _RULE_EXCLUDED), so that backward runs densely.
+_FP32_SM90 = {**_FP32, "dq": _table(_FP32["dq"][64], _variants(None), _variants(None))}
+_CONFIGS = {90: {"half": _HALF_SM90, "fp32": _FP32_SM90}, 80: {"half": _HALF_SM80, "fp32": _FP32}}
 
 # Calls with the score rule (window, softcap, ALiBi, sinks: one more tile live per score, a third key phase) where
 # the plain variant's configs spill: (arch family, precision, kernel, head-dim bucket, variant) -> the configs
@@ -110,6 +112,9 @@ _RULE_CONFIGS = {
     (80, "half", "dq", 128, "dropout"): None,
 }
 _RULE_EXCLUDED = [
+    (90, "attn_dq fp32 head dim 65-128, M16 N16 w8 s1 (w4: 328 B, w16: 184 B)",
+     "spills 8 B (16 B with dropout) on sm_90 under triton 3.8 since the score-rule edit of the dQ kernel, and no "
+     "smaller tile exists; on sm_90 that backward runs densely in PyTorch (_dense_backward) instead"),
     (90, "attn_fwd fp16/bf16 with the score rule: head dim 128 M64 N64 w4 s3, head dim 256 M128 N32 w8 s2 (and "
          "M64 N32 w8 s2 with dropout)", "spill 8-72 B on sm_90 under triton 3.8; the other config of the list kept "
          "(M64 N16 w8 s2 with dropout at head dim 256)"),

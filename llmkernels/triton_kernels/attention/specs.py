@@ -92,19 +92,22 @@ def compile_specs(arch: int) -> list:
     the heaviest flags of its variant, without and with the score rule's heaviest flags (``_RULE_FLAGS``), plus
     the preprocess kernel. Head dims below 64 share the 64 bucket and are
     compiled at 64 (its largest tiles); E != Ev takes the bucket of the larger. Where dK and dV are split
-    (_split_dkdv), each of the two launches is a spec. fp32 has one config list for both variants, compiled with
-    dropout."""
+    (_split_dkdv), each of the two launches is a spec. Where fp32 offers one config list for both variants, it is
+    compiled with dropout only (the heavier flags)."""
     specs = []
     for kernel, fn in _KERNELS.items():
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             precision = _precision_class(dtype)
-            variants = ("dropout",) if precision == "fp32" else ("base", "dropout")
             for bucket in (64, 128, 256):
                 parts = [(True, True)]
                 if kernel == "dkdv" and _split_dkdv(bucket, dtype):
                     parts = [(True, False), (False, True)]
-                for variant, rule in ((v, r) for v in variants for r in (False, True)):
-                    for cfg in _configs_for(arch, kernel, precision, bucket, variant, rule) or []:
+                for variant, rule in ((v, r) for v in ("base", "dropout") for r in (False, True)):
+                    configs = _configs_for(arch, kernel, precision, bucket, variant, rule) or []
+                    if (precision == "fp32" and variant == "base"
+                            and configs == _configs_for(arch, kernel, precision, bucket, "dropout", rule)):
+                        continue  # fp32 offers one list for both variants: its dropout specs bound the base calls
+                    for cfg in configs:
                         for do_dk, do_dv in parts:
                             flags = dict(_FLAG_SETS[variant], **(_RULE_FLAGS if rule else _NO_RULE))
                             if kernel == "dq":
