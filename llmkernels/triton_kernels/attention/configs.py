@@ -70,7 +70,8 @@ _HALF_SM80 = {
                    _variants(_HALF_SM90["dkdv"][128]["base"], [_cfg(32, 32, 8, 2), _cfg(16, 64, 8, 1)]),
                    _variants([_cfg(16, 64, 8, 2)])),
     "dq": _table(_variants([_cfg(128, 32, 8, 2), _cfg(64, 32, 4, 2)], [_cfg(64, 32, 4, 2), _cfg(128, 32, 8, 2)]),
-                 _HALF_SM90["dq"][128], _variants(_HALF_SM90["dq"][256]["base"], [_cfg(32, 32, 8, 2)])),
+                 _variants(_HALF_SM90["dq"][128]["base"], [_cfg(64, 32, 8, 2)]),
+                 _variants(_HALF_SM90["dq"][256]["base"], [_cfg(32, 32, 8, 2)])),
 }
 # IEEE fp32 products run on the FMA units with whole operand rows in registers: small tiles only, and at head
 # dims above 128 every backward tile spills (the rows are 256 long), so that backward runs densely.
@@ -108,10 +109,18 @@ _RULE_CONFIGS = {
     (80, "fp32", "fwd", 128, "base"): [_cfg(16, 16, 4, 1)],
     (80, "half", "fwd", 128, "dropout"): [_cfg(64, 32, 8, 2)],
     (80, "half", "dkdv", 256, "dropout"): None,
+    (80, "half", "dkdv", 64, "base"): [_cfg(16, 64, 4, 2)],
+    (80, "half", "dkdv", 128, "dropout"): [_cfg(32, 32, 8, 2)],
+    (80, "half", "dq", 64, "dropout"): [_cfg(64, 16, 4, 2), _cfg(32, 32, 4, 2)],
     (80, "half", "dq", 128, "base"): [_cfg(64, 16, 4, 2)],
     (80, "half", "dq", 128, "dropout"): None,
 }
 _RULE_EXCLUDED = [
+    (80, "attn_dkdv fp16/bf16 head dim 64 with the score rule, M32 N64 w8 s2; head dim 128 with the score rule and "
+         "dropout, M16 N64 w8 s1",
+     "spill 24 B on sm_80 under triton 3.6; M16 N64 w4 s2 and M32 N32 w8 s2 offered instead"),
+    (80, "attn_dq fp16/bf16 head dim 64 with the score rule and dropout, M64 N32 w4 s2 and M128 N32 w8 s2",
+     "spill 8-16 B on sm_80 under triton 3.6; M64 N16 w4 s2 and M32 N32 w4 s2 offered instead"),
     (90, "attn_dq fp32 head dim 65-128, M16 N16 w8 s1 (w4: 328 B, w16: 184 B)",
      "spills 8 B (16 B with dropout) on sm_90 under triton 3.8 since the score-rule edit of the dQ kernel, and no "
      "smaller tile exists; on sm_90 that backward runs densely in PyTorch (_dense_backward) instead"),
@@ -174,6 +183,8 @@ _EXCLUDED = [
      "spills 8 B under triton 3.6; M32 N32 w8 s2 offered instead (M16 N64 w8 s1 kept)"),
     (80, "attn_dq fp16/bf16 head dim 129-256 with dropout, M64 N16 w8 s2",
      "spills 8 B under triton 3.6 (24 B at s1); M32 N32 w8 s2 offered instead"),
+    (80, "attn_dq fp16/bf16 head dim 65-128 with dropout, M64 N16 w4 s2",
+     "spills 24 B on sm_80 under triton 3.6 since the score-rule edit of the dQ kernel; M64 N32 w8 s2 kept"),
 ]
 
 PREPROCESS_BLOCK_M = 64
