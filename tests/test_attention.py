@@ -377,5 +377,10 @@ def test_float_mask_with_large_lse_takes_exact_backward(device):
     assert triton_attention.launch._lse_loses_precision(lse, float_mask)
     assert not triton_attention.launch._lse_loses_precision(lse, float_mask.bool())
     assert not triton_attention.launch._lse_loses_precision(lse, None)
-    moderate = torch.tensor([[[1.0, -6.0e4, float("-inf")]]], device=device)
+    moderate = torch.tensor([[[1.0, -1.0e3, float("-inf")]]], device=device)
     assert not triton_attention.launch._lse_loses_precision(moderate, float_mask)
+    # ALiBi rows far from every key (lse ~ -slope * distance) take it too; plain calls never do.
+    alibi = llmkernels.contract.ScoreRule(alibi_slopes=torch.ones(1, 3, device=device))
+    far = torch.tensor([[[1.0, -5.6e3, 2.0]]], device=device)
+    assert triton_attention.launch._lse_loses_precision(far, None, alibi)
+    assert not triton_attention.launch._lse_loses_precision(far, None, llmkernels.contract.ScoreRule())

@@ -172,6 +172,18 @@ SKIP_CASES = {
 }
 
 
+@pytest.mark.parametrize("dt", ["fp32", "bf16"])
+def test_alibi_far_from_every_key_keeps_the_row_sum(dt, device):
+    """Bottom-right with L > S and no causal rule: row i's nearest key is L - S - i away, so a steep slope gives
+    lse ~ -100 * 56 = -5600, where fp32 exp(s - lse) loses ~1e-4 of each weight (fp32 dq failed the tolerance
+    rule by 16x that way). Such calls take the dense backward (launch.LSE_EXACT_LIMIT)."""
+    q, k, v, _ = _inputs(1, 2, 1, 60, 4, 16, 16, DTYPES[dt], 13, device)
+    slopes = torch.tensor([100.0, 0.5], device=device)
+    out, lse, _ = check_attention("triton", _keep_mask, q, k, v, None, enable_gqa=True, alibi_slopes=slopes,
+                                  causal_alignment="bottom_right", seed=2)
+    assert lse[0, 0, 0] < -5000 and torch.isfinite(lse).all()
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("name", list(SKIP_CASES))
 def test_hidden_blocks_are_never_read(name, device):

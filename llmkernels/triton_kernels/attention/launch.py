@@ -111,18 +111,23 @@ def attention_forward(q, k, v, mask, dropout_p: float, is_causal: bool, scale: f
     return out, lse
 
 
-# The kernels' backward recomputes the weights as exp(s - lse). Where a float mask gives every visible key of a
-# row a huge negative value (transformers' finfo(dtype).min on padded rows), lse = m + log(l) is so large that
-# fp32 cannot hold the log(l) part (at |lse| >= 2^16 its spacing is 2^-7, beyond that up to 2^104), so the
-# recomputed weights of that row would be off by up to the factor l. Such calls take the dense backward, which
-# normalises the weights from the scores themselves. Without a float mask |lse| stays within the scores' range.
-LSE_EXACT_LIMIT = 2.0 ** 16
+# The kernels' backward recomputes the weights as exp(s - lse). Where every visible key of a row has a score far
+# below 0, lse = m + log(l) is so large that fp32 cannot hold the log(l) part accurately (its spacing is 2^-12 at
+# 2048, 2^-7 at 2^16, up to 2^104 at finfo.min), so the recomputed weights of that row would be off: by a relative
+# 1e-4 at |lse| ~ 5600, by the factor l at finfo.min. Scores that far down come from a float mask (transformers'
+# finfo(dtype).min on padded rows) or from ALiBi on rows far from every key (bottom-right with L > S, say). Such
+# calls take the dense backward, which normalises the weights from the scores themselves. The limit is the CUDA
+# backend's (kCoarseLse in csrc/llmk_device.cuh). Without a float mask or ALiBi, |lse| stays within the scores'
+# own range, where the tolerance rule's naive baseline has the same rounding.
+LSE_EXACT_LIMIT = 2048.0
 
 
-def _lse_loses_precision(lse, mask) -> bool:
+def _lse_loses_precision(lse, mask, rule=None) -> bool:
     """Whether a row's lse is too large for exp(s - lse) to give its weights (see LSE_EXACT_LIMIT). On a GPU
-    this reads one flag back (a sync), for float-mask calls only."""
-    if mask is None or mask.dtype == torch.bool:
+    this reads one flag back (a sync), for float-mask and ALiBi calls only."""
+    float_mask = mask is not None and mask.dtype != torch.bool
+    alibi = rule is not None and rule.alibi_slopes is not None
+    if not (float_mask or alibi):
         return False
     return bool((torch.isfinite(lse) & (lse.abs() >= LSE_EXACT_LIMIT)).any())
 
@@ -148,8 +153,8 @@ def _dense_backward(grad_out, q, k, v, lse, grad_lse, mask, dropout_p, is_causal
     """The same backward in dense PyTorch, in fp32, with our Philox keep pattern; lse enters through grad_lse.
 
     Used only where every Triton config of the backward spills (fp32 at head dims above 128; fp16/bf16 with
-    dropout at head dims above 128 on sm_90), and for float-mask calls with a row whose lse fp32 cannot resolve
-    (LSE_EXACT_LIMIT): it materialises L x S per (batch, head), so it is a correctness fallback for rare calls,
+    dropout at head dims above 128 on sm_90), and for float-mask and ALiBi calls with a row whose lse fp32 cannot
+    resolve (LSE_EXACT_LIMIT): it materialises L x S per (batch, head), so it is a correctness fallback for rare calls,
     not a fast path.
     """
     B, Hq, L, E = q.shape
@@ -210,7 +215,7 @@ def attention_backward(grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, i
     B, Hq, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     rule = ScoreRule() if rule is None else rule
-    if _needs_dense_backward(q, E, Ev, dropout_p, rule) or _lse_loses_precision(lse, mask):
+    if _needs_dense_backward(q, E, Ev, dropout_p, rule) or _lse_loses_precision(lse, mask, rule):
         return _dense_backward(grad_out, q, k, v, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state,
                                mask_needs_grad, rule)
     dev = q.device
