@@ -174,6 +174,70 @@ def _check_merge_in_group(rank, world):
           L=2 * world, E=8, Ev=8, seed=7, expected_calls=_ring_calls)
 
 
+def _outcome(fn):
+    """What a call did: ("ok", local values) or ("error", exception type, first line of the message)."""
+    try:
+        out = fn()
+    except Exception as exc:
+        return ("error", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+    return ("ok", getattr(out, "to_local", lambda: out)().tolist())
+
+
+def _check_sdpa_routing_under_torch_context_parallel(rank, world):
+    """PyTorch's context_parallel() and DTensor calls must reach PyTorch's function under routing, in whichever
+    order the blocks were entered, and be counted with their reason. (On CPU PyTorch's context parallel has no
+    CPU flash kernel rule and raises; the routed call must raise the same, not return a shard-local result.)"""
+    import torch.nn.functional as F
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+    from torch.distributed.tensor.experimental import context_parallel
+
+    import llmkernels
+    from llmkernels.integrations import sdpa_routing
+
+    mesh = init_device_mesh("cpu", (world,))
+
+    def inputs():
+        gen = torch.Generator().manual_seed(5)
+        return [torch.randn(1, 2, 4 * world, 16, generator=gen) for _ in range(3)]
+
+    def in_cp(route_outside: bool, route_inside: bool):
+        q, k, v = inputs()
+        outer = llmkernels.route_sdpa() if route_outside else _Nothing()
+        with outer:
+            with context_parallel(mesh, buffers=[q, k, v], buffer_seq_dims=[2, 2, 2]):
+                with (llmkernels.route_sdpa() if route_inside else _Nothing()):
+                    return _outcome(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+    plain = in_cp(False, False)
+    for outside, inside in ((True, False), (False, True)):
+        llmkernels.reset_routing_stats()
+        assert in_cp(outside, inside) == plain, (outside, inside)
+        stats = llmkernels.routing_stats()
+        assert sum(stats.routed.values()) == 0, str(stats)
+        assert stats.fallback[sdpa_routing.REASON_CONTEXT_PARALLEL] == 1, str(stats)
+        assert ("DTensor inputs" if outside else "context_parallel()") in stats.recent[-1].detail
+    # A DTensor call outside any context parallel: PyTorch's function too.
+    q, k, v = (distribute_tensor(t, mesh, [Replicate()]) for t in inputs())
+    plain = _outcome(lambda: F.scaled_dot_product_attention(q, k, v))
+    llmkernels.reset_routing_stats()
+    with llmkernels.route_sdpa():
+        assert _outcome(lambda: F.scaled_dot_product_attention(q, k, v)) == plain
+    assert llmkernels.routing_stats().fallback[sdpa_routing.REASON_CONTEXT_PARALLEL] == 1
+    # and once the block is gone, plain calls route to llmkernels again
+    with llmkernels.route_sdpa():
+        F.scaled_dot_product_attention(*inputs())
+    assert sum(llmkernels.routing_stats().routed.values()) == 1, str(llmkernels.routing_stats())
+
+
+class _Nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 FP16 = torch.float16
 
 CHECKS = {
@@ -198,6 +262,7 @@ CHECKS = {
     "round trip": _check_round_trip,
     "group of size 1": _check_size_one_group,
     "errors": _check_errors,
+    "sdpa routing under torch context_parallel": _check_sdpa_routing_under_torch_context_parallel,
 }
 
 SUITES = {
