@@ -381,3 +381,53 @@ def test_not_initialised():
         lkd.shard(x, 2)
     with pytest.raises(RuntimeError, match="group: torch.distributed is not initialised"):
         lkd.context_parallel_attention(x, x, x)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_local_block_partials_are_fp32_and_use_the_whole_rows_lse(backend):
+    """One key block of a causal row set, as a ring step computes it: the forward's partial comes back in fp32,
+    unrounded (fp16 inputs; almost no element is an fp16 value), within the tolerance rule, and the block's backward
+    with the lse of the *whole* rows gives that block's share of the whole attention's gradients."""
+    from llmkernels.distributed import local
+
+    gen = torch.Generator().manual_seed(4)
+    B, Hq, Hkv, L, S, E = 1, 4, 2, 5, 15, 19  # 5 queries, their keys: 10 earlier ones, then the causal diagonal
+    q = torch.randn(B, Hq, L, E, generator=gen).half()
+    k = torch.randn(B, Hkv, S, E, generator=gen).half()
+    v = torch.randn(B, Hkv, S, E, generator=gen).half()
+    block = slice(4, S)  # keys 4..14: a block that ends on the diagonal (bottom-right causal)
+    scale = E ** -0.5
+    out, lse = local.forward(backend, q, k[:, :, block], v[:, :, block], True, True, scale, 0.0)
+    ref_out, ref_lse = reference.scaled_dot_product_attention(
+        q.double(), k[:, :, block].double(), v[:, :, block].double(), is_causal=True, enable_gqa=True,
+        causal_alignment="bottom_right", return_lse=True)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    assert (out != out.half().float()).float().mean().item() > 0.9, "the partial was rounded to fp16"
+    naive_out, naive_lse = reference.scaled_dot_product_attention(
+        q, k[:, :, block], v[:, :, block], is_causal=True, enable_gqa=True, causal_alignment="bottom_right",
+        return_lse=True)
+    assert_by_rule("partial out", out, ref_out, naive_out, torch.float16)
+    assert_by_rule("partial lse", lse, ref_lse, naive_lse, torch.float16)
+
+    # The whole rows (every key 0..14, bottom-right causal) and their gradients in float64.
+    ins = [_leaf(t.double()) for t in (q, k, v)]
+    whole_out, whole_lse = reference.scaled_dot_product_attention(*ins, is_causal=True, enable_gqa=True,
+                                                                  causal_alignment="bottom_right",
+                                                                  return_lse=True)
+    grad_out = torch.randn(whole_out.shape, generator=gen, dtype=torch.float64)
+    grad_lse = torch.randn(whole_lse.shape, generator=gen, dtype=torch.float64)
+    # The block's share: gradients through the block's keys only (the other keys' weights held by the lse).
+    dq_all, dk_all, dv_all = torch.autograd.grad([whole_out, whole_lse], ins, [grad_out, grad_lse])
+    other = slice(0, 4)
+    dq_p, dk_p, dv_p = local.backward(backend, grad_out.half(), q, k[:, :, block], v[:, :, block],
+                                      whole_out.half(), whole_lse.float(), grad_lse.float(), True, True, scale, 0.0)
+    assert dq_p.dtype == dk_p.dtype == dv_p.dtype == torch.float32
+    # dK, dV of the block's keys are the whole gradient's rows for those keys. The absolute bound is for what this
+    # test is about, the weights' normalisation (one over the block's own keys is off by O(1) here); the
+    # gradients' precision is held to the tolerance rule in the spawned groups.
+    assert torch.allclose(dk_p.double(), dk_all[:, :, block], atol=2e-2, rtol=0)
+    assert torch.allclose(dv_p.double(), dv_all[:, :, block], atol=2e-2, rtol=0)
+    # dQ of the block plus dQ of the other keys' block (top-left: fully visible) is the whole dQ.
+    dq_o, _, _ = local.backward(backend, grad_out.half(), q, k[:, :, other], v[:, :, other], whole_out.half(),
+                                whole_lse.float(), grad_lse.float(), False, False, scale, 0.0)
+    assert torch.allclose((dq_p + dq_o).double(), dq_all, atol=2e-2, rtol=0)

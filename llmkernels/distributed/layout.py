@@ -8,7 +8,6 @@ chunks are always in increasing global order, which the context-parallel plans (
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.distributed as dist
