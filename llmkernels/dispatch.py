@@ -104,11 +104,10 @@ class _KernelCalls:
                                                                      rng_state, rule, **fp32_outputs)
 
     def attention_backward(self, grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state,
-                           mask_needs_grad, rule, **fp32_outputs):
-        # fp32_outputs: grad_dtype= (triton), as above.
+                           mask_needs_grad, rule):
         return self._module(self.ATTENTION_MODULE).attention_backward(grad_out, q, k, v, out, lse, grad_lse, mask,
                                                                       dropout_p, is_causal, scale, rng_state,
-                                                                      mask_needs_grad, rule, **fp32_outputs)
+                                                                      mask_needs_grad, rule)
 
     def softmax_forward(self, *args):
         return self._module(self.SOFTMAX_MODULE).masked_softmax_forward(*args)

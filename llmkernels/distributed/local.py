@@ -2,8 +2,9 @@
 
 Partial outputs are merged by their lse and rounded to the input dtype once, at the end; partial gradients are
 summed in fp32. Rounding each step's partial to bf16 is the error that grows with the world size in other ring
-implementations. The backends write fp32 outputs through their ``out_dtype=`` / ``grad_dtype=`` keywords: the
-Triton kernels store into the buffer's dtype, the reference backend computes half inputs in fp32 anyway. The CUDA
+implementations. The forward's fp32 output comes from the backends' ``out_dtype=`` keyword (the Triton kernels
+store into the buffer's dtype; the reference backend computes half inputs in fp32 anyway), the Triton backward's
+fp32 gradients from the launcher's ``grad_dtype=``. The CUDA
 backend writes only the input dtype, so these methods decline it (its reason below) and ``auto`` takes the next.
 
 The backward of a partial block must weight each key by exp(s - lse) with the lse of the *whole* row, which the
