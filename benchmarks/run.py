@@ -6,6 +6,8 @@
     python -m benchmarks.run static [--full] only the static kernel report (sm_90 and sm_80, no GPU needed)
     python -m benchmarks.run ceilings        only the copy and matmul ceilings
     python -m benchmarks.run env             only the environment
+    python -m benchmarks.run context-parallel  the context-parallel entry's CPU smoke run (2 gloo ranks); on a
+                                             multi-GPU node run benchmarks/bench_context_parallel.py with torchrun
     python -m benchmarks.run --dry-run       list the workloads and providers a sweep would run
 
 Results go to --out (default benchmarks/out/): results.json (environment, ceilings, one row per workload and
@@ -287,7 +289,8 @@ def ceilings_only(args) -> int:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("command", nargs="?", default="sweep", choices=["sweep", "static", "ceilings", "env"])
+    parser.add_argument("command", nargs="?", default="sweep", choices=["sweep", "static", "ceilings", "env",
+                                                                                 "context-parallel"])
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     parser.add_argument("--providers", nargs="+", metavar="NAME",
                         help=f"only these providers: {', '.join(provider_names())}")
@@ -329,6 +332,9 @@ def main(argv=None) -> int:
     if args.command == "env":
         print(environment.describe(environment.collect()))
         return 0
+    if args.command == "context-parallel":
+        from benchmarks import bench_context_parallel
+        return bench_context_parallel.main(["--smoke"])
     return sweep(args)
 
 

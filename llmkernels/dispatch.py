@@ -98,9 +98,10 @@ class _KernelCalls:
     def _module(self, name: str):
         return importlib.import_module(name, __package__)
 
-    def attention_forward(self, q, k, v, mask, dropout_p, is_causal, scale, rng_state, rule):
+    def attention_forward(self, q, k, v, mask, dropout_p, is_causal, scale, rng_state, rule, **fp32_outputs):
+        # fp32_outputs: out_dtype= (triton, reference), for llmkernels.distributed's fp32 partials.
         return self._module(self.ATTENTION_MODULE).attention_forward(q, k, v, mask, dropout_p, is_causal, scale,
-                                                                     rng_state, rule)
+                                                                     rng_state, rule, **fp32_outputs)
 
     def attention_backward(self, grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state,
                            mask_needs_grad, rule):

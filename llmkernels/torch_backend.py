@@ -39,7 +39,13 @@ def _attention(q, k, v, mask, dropout_p, is_causal, scale, rng_state, rule):
         alibi_slopes=rule.alibi_slopes, sinks=rule.sinks, dropout_mask=keep, compute_dtype=_compute_dtype(q.dtype))
 
 
-def attention_forward(q, k, v, mask, dropout_p, is_causal, scale, rng_state, rule):
+def attention_forward(q, k, v, mask, dropout_p, is_causal, scale, rng_state, rule, out_dtype=None):
+    """``out_dtype=torch.float32``: the output unrounded. Half inputs are computed in fp32 anyway, so the inputs
+    go in upcast (exact) and the fp32 result comes back without the final rounding to their dtype."""
+    if out_dtype is not None and out_dtype != q.dtype:
+        if out_dtype != _compute_dtype(q.dtype):
+            raise ValueError(f"out_dtype must be {q.dtype} or {_compute_dtype(q.dtype)}, got {out_dtype}")
+        q, k, v = (t.to(out_dtype) for t in (q, k, v))
     out, lse = _attention(q, k, v, mask, dropout_p, is_causal, scale, rng_state, rule)
     return out.contiguous(), lse.contiguous()
 

@@ -19,7 +19,14 @@ module would also change what our own fallback calls. Routing is process-wide (a
 Which calls llmkernels takes. A call goes to PyTorch's original function (a "fallback", counted with its reason)
 when:
   * it passes a keyword PyTorch has and llmkernels does not know (a newer PyTorch's extra argument);
-  * an input is a tensor subclass or has a ``__torch_function__`` override (DTensor, nested tensors, ...);
+  * PyTorch's context parallelism is at work: an input is a DTensor, or a
+    ``torch.distributed.tensor.experimental.context_parallel()`` block is active (its DTensor handlers for the
+    aten flash/efficient/cuDNN ops are installed). Inside such a block the call's tensors are this rank's
+    sequence shard, and only PyTorch's ring attention sees the whole sequence: llmkernels' op would silently
+    attend within the shard. (PyTorch offers no supported way to plug another attention op into its context
+    parallel: the handlers and ``_templated_ring_attention`` are private. ``llmkernels.distributed`` is the
+    llmkernels way.) The context check is skipped while torch.compile traces;
+  * an input is a tensor subclass or has a ``__torch_function__`` override (nested tensors, ...);
   * it passes both ``attn_mask`` and ``is_causal=True``: PyTorch raises for that, llmkernels would combine them,
     so the caller keeps PyTorch's behaviour (a ``CausalBias`` mask with ``is_causal=True`` too: PyTorch's error);
   * the llmkernels contract rejects it (float64, mismatched dtypes, shapes, ...): PyTorch then runs it or raises
@@ -47,6 +54,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import sys
 import threading
 from typing import Callable, NamedTuple, Optional
 
@@ -62,6 +70,7 @@ __all__ = ["route_sdpa", "enable_sdpa_routing", "disable_sdpa_routing", "sdpa_ro
 
 # Fallback reasons (the keys of RoutingStats.fallback); each event's detail says more.
 REASON_EXTRA_ARGS = "arguments llmkernels does not take"
+REASON_CONTEXT_PARALLEL = "PyTorch context parallel (DTensor inputs or an active context_parallel())"
 REASON_SUBCLASS = "tensor subclass or __torch_function__ override"
 REASON_MASK_AND_CAUSAL = "attn_mask with is_causal=True (PyTorch rejects it)"
 REASON_CONTRACT = "rejected by the llmkernels contract"
@@ -239,6 +248,29 @@ def _describe(query, key, value, attn_mask) -> str:
     return text + (f", mask {d(attn_mask)}" if attn_mask is not None else "")
 
 
+# Where PyTorch's context parallel lives (torch 2.11 to 2.14 keep it in the first; older ones in the second).
+_CP_MODULES = ("torch.distributed.tensor.experimental._context_parallel._attention",
+               "torch.distributed.tensor.experimental._attention")
+
+
+def _context_parallel_reason(tensors) -> Optional[str]:
+    """Why PyTorch's context parallel must run this call (None: it is not involved). Reads only modules that
+    are already imported: a process that never imported torch.distributed.tensor pays nothing."""
+    dtensor_module = sys.modules.get("torch.distributed.tensor")
+    dtensor = getattr(dtensor_module, "DTensor", None)
+    if dtensor is not None and any(isinstance(t, dtensor) for t in tensors):
+        return "DTensor inputs"
+    if torch.compiler.is_compiling():
+        return None
+    for name in _CP_MODULES:
+        cp = sys.modules.get(name)
+        ops = getattr(cp, "custom_ops", None)
+        handlers = getattr(getattr(getattr(cp, "DTensor", None), "_op_dispatcher", None), "_custom_op_handlers", None)
+        if ops and handlers and any(handlers.get(op) is ops[op] for op in ops):
+            return "inside torch.distributed.tensor.experimental.context_parallel()"
+    return None
+
+
 def _bind(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False,
           **extra):
     """PyTorch's signature (``scale`` and ``enable_gqa`` are keyword-only there too), plus anything newer."""
@@ -289,6 +321,9 @@ def _router(*args, **kwargs):
     causal_bias = isinstance(attn_mask, CausalBias)
     checked = (query, key, value) if causal_bias else (query, key, value, attn_mask)
     tensors = tuple(t for t in checked if isinstance(t, torch.Tensor))
+    cp_reason = _context_parallel_reason(tensors)
+    if cp_reason is not None:
+        return _fallback(REASON_CONTEXT_PARALLEL, lambda: detail(cp_reason), args, kwargs)
     if any(type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter) for t in tensors) or \
             torch.overrides.has_torch_function(tensors) or any(t.is_nested for t in tensors):
         return _fallback(REASON_SUBCLASS, detail, args, kwargs)

@@ -85,13 +85,15 @@ def _check_rng(rng_state, dropout_p, device):
     return rng_state.to(device).contiguous()
 
 
-def attention_forward(q, k, v, mask, dropout_p: float, is_causal: bool, scale: float, rng_state, rule=None):
+def attention_forward(q, k, v, mask, dropout_p: float, is_causal: bool, scale: float, rng_state, rule=None,
+                      out_dtype=None):
     """FlashAttention forward on the canonical form: returns out (B, Hq, L, Ev) in q.dtype and lse (B, Hq, L)
     fp32 (natural log of the whole denominator, sink included; -inf on rows that see no key, whose output is 0,
-    or the sink logit with sinks)."""
+    or the sink logit with sinks). ``out_dtype=torch.float32`` stores the fp32 accumulator unrounded (the kernel
+    converts to the output buffer's dtype), for callers that merge partial attentions (llmkernels.distributed)."""
     B, Hq, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
-    out = _alloc.new_output((B, Hq, L, Ev), q.dtype, q.device)
+    out = _alloc.new_output((B, Hq, L, Ev), out_dtype or q.dtype, q.device)
     lse = _alloc.new_output((B, Hq, L), torch.float32, q.device)
     mask_t, mask_strides, has_mask, mask_is_bool = _mask_args(mask, out)
     rng = _check_rng(rng_state, dropout_p, q.device)
@@ -149,7 +151,7 @@ def _needs_dense_backward(q, E, Ev, dropout_p, rule=None) -> bool:
 
 
 def _dense_backward(grad_out, q, k, v, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state,
-                    mask_needs_grad, rule=None):
+                    mask_needs_grad, rule=None, grad_dtype=None):
     """The same backward in dense PyTorch, in fp32, with our Philox keep pattern; lse enters through grad_lse.
 
     Used only where every Triton config of the backward spills (fp32 at head dims above 128; fp16/bf16 with
@@ -201,7 +203,7 @@ def _dense_backward(grad_out, q, k, v, lse, grad_lse, mask, dropout_p, is_causal
     )
     outputs = []
     for value, like in zip(results, (q, k, v)):
-        outputs.append(_alloc.new_output(like.shape, like.dtype, like.device).copy_(value))
+        outputs.append(_alloc.new_output(like.shape, grad_dtype or like.dtype, like.device).copy_(value))
     dmask = None
     if mask_needs_grad and mask is not None:
         dmask = _alloc.new_output((B, Hq, L, S), f32, q.device).copy_(ds)
@@ -209,15 +211,17 @@ def _dense_backward(grad_out, q, k, v, lse, grad_lse, mask, dropout_p, is_causal
 
 
 def attention_backward(grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state,
-                       mask_needs_grad, rule=None):
+                       mask_needs_grad, rule=None, grad_dtype=None):
     """FlashAttention-2 backward: (dq, dk, dv, dmask); dmask (B, Hq, L, S) fp32 = dS when mask_needs_grad.
-    The sinks' gradient is ops.py's; sinks enter here only through lse (the weights exp(s - lse) are right)."""
+    The sinks' gradient is ops.py's; sinks enter here only through lse (the weights exp(s - lse) are right).
+    ``grad_dtype=torch.float32`` writes dq, dk, dv unrounded (for callers that sum partial gradients); ``out``
+    may be fp32 then too (the preprocess reads it in its own dtype)."""
     B, Hq, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     rule = ScoreRule() if rule is None else rule
     if _needs_dense_backward(q, E, Ev, dropout_p, rule) or _lse_loses_precision(lse, mask, rule):
         return _dense_backward(grad_out, q, k, v, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state,
-                               mask_needs_grad, rule)
+                               mask_needs_grad, rule, grad_dtype)
     dev = q.device
     lse = lse.contiguous()  # our own forward output: already contiguous, so no copy
     delta = torch.empty((B, Hq, L), dtype=torch.float32, device=dev)
@@ -231,9 +235,9 @@ def attention_backward(grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, i
         Hq, L, HEAD_DIM_V=Ev, HAS_GRAD_LSE=gl is not None, SCORES_NATURAL=scores_natural,
         BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_DV=_block(Ev))
 
-    dq = _alloc.new_output((B, Hq, L, E), q.dtype, dev)
-    dk = _alloc.new_output((B, Hkv, S, E), k.dtype, dev)
-    dv = _alloc.new_output((B, Hkv, S, Ev), v.dtype, dev)
+    dq = _alloc.new_output((B, Hq, L, E), grad_dtype or q.dtype, dev)
+    dk = _alloc.new_output((B, Hkv, S, E), grad_dtype or k.dtype, dev)
+    dv = _alloc.new_output((B, Hkv, S, Ev), grad_dtype or v.dtype, dev)
     write_dmask = bool(mask_needs_grad) and mask is not None
     if write_dmask and mask.dtype == torch.bool:
         raise ValueError("mask_needs_grad is set but attn_mask is a bool mask, which has no gradient")
