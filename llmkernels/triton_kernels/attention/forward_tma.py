@@ -150,8 +150,9 @@ def _attn_fwd_tma_kernel(Q, K, V, Mask, RngState, Alibi, Sinks, Out, Lse,
                 acc, m_i, l_i = _attn_fwd_tma_inner(acc, m_i, l_i, q, k_desc, v_desc, off_b, off_kvh, mask_base, lo,
                                                     plain_lo, offs_m, row_ok, S, stride_mask_n, qk_scale, cap_unit,
                                                     slope, diag, win_left, win_right, seed, philox_rows, dropout_p,
-                                                    DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV, HAS_MASK, MASK_IS_BOOL,
-                                                    HAS_SOFTCAP, HAS_ALIBI, WINDOW_LEFT, RIGHT, HAS_DROPOUT, True, False)
+                                                    DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV, HAS_MASK,
+                                                    MASK_IS_BOOL, HAS_SOFTCAP, HAS_ALIBI, WINDOW_LEFT, RIGHT,
+                                                    HAS_DROPOUT, True, False)
             acc, m_i, l_i = _attn_fwd_tma_inner(acc, m_i, l_i, q, k_desc, v_desc, off_b, off_kvh, mask_base, plain_lo,
                                                 plain_hi, offs_m, row_ok, S, stride_mask_n, qk_scale, cap_unit, slope,
                                                 diag, win_left, win_right, seed, philox_rows, dropout_p, DOT_PRECISION,
