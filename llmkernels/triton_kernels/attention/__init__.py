@@ -19,8 +19,8 @@ One module per part, so that a new variant (a score rule, a key range, a config 
 ==============  =============================================================================================
 
 Imports go one way: ranges <- tiles <- forward <- forward_tma, backward <- launch, specs; configs <- launch,
-specs. This package re-exports the names other modules use, so ``from llmkernels.triton_kernels import attention`` followed by
-``attention.attention_forward(...)`` works (dispatch looks the launchers up here at call time, which is what
+specs. This package re-exports the names other modules use, so ``from llmkernels.triton_kernels import
+attention`` followed by ``attention.attention_forward(...)`` works (dispatch looks the launchers up here at call time, which is what
 lets tests spy on them).
 
 Design (FlashAttention-2, Dao 2023), detailed in each module's docstring: one program per query block streams
