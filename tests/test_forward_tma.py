@@ -139,7 +139,7 @@ CANDIDATE_SETS = [("fp16", 64), ("bf16", 128), ("fp16", 256)] if _on_sm90() else
 @pytest.mark.parametrize("dt,bucket", CANDIDATE_SETS)
 def test_every_descriptor_candidate(dt, bucket, device):
     """Each config the sm_90 autotuner may pick for the descriptor kernel (configs._TMA_FWD_SM90: plain, the
-    score rule's, dropout, warp-specialized), launched directly (launch.forward_with_tma_config) on a shape with
+    score rule's, dropout, warp-specialized; and the pointer configs it runs with TMA=False), launched directly (launch.forward_with_tma_config) on a shape with
     ragged ends and GQA, against the float64 reference under the tolerance rule: the autotuner keeps whichever
     is fastest, so every one must be right."""
     from llmkernels import reference
@@ -157,16 +157,20 @@ def test_every_descriptor_candidate(dt, bucket, device):
     rule = ScoreRule(window_left=40, softcap=5.0, alibi_slopes=slopes)
     cases = []  # (config, causal, dropout_p, rule)
     for variant, p in (("base", 0.0), ("dropout", 0.2)):
-        for c in configs._tma_configs_for(90, bucket, variant, False, plain=variant == "base"):
+        # The kernel's pointer configs too (TMA=False: forward.py's kernel called inside it), which the
+        # autotuner of an eligible call chooses from as well.
+        pointer = [configs._as_pointer_config(c) for c in configs._configs_for(90, "fwd", "half", bucket, variant)]
+        for c in configs._tma_configs_for(90, bucket, variant, False, plain=variant == "base") + pointer:
             cases += [(c, causal, p, None) for causal in (False, True)]
         cases += [(c, True, p, rule) for c in configs._tma_configs_for(90, bucket, variant, True, plain=False)]
     assert any(c.kwargs["WARP_SPECIALIZE"] for c, *_ in cases) or bucket == 256
     if not _on_sm90():
-        # The interpreter is slow at these tile sizes: one case of each kind (plain, warp-specialized, dropout,
-        # score rule) proves the test and the launcher; the GPU runs them all.
+        # The interpreter is slow at these tile sizes: one case of each kind (pointer, descriptor,
+        # warp-specialized, dropout, score rule) proves the test and the launcher; the GPU runs them all.
         kinds = {}
         for case in cases:
-            kinds.setdefault((case[0].kwargs["WARP_SPECIALIZE"], case[2] > 0, case[3] is not None), case)
+            kinds.setdefault((case[0].kwargs["TMA"], case[0].kwargs["WARP_SPECIALIZE"], case[2] > 0,
+                              case[3] is not None), case)
         cases = list(kinds.values())
     for cfg, causal, p, r in cases:
         out, lse = launch.forward_with_tma_config(q, k, v, None, p, causal, scale, rng if p else None, r, cfg)

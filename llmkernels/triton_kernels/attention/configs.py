@@ -333,8 +333,9 @@ _TMA_EXCLUDED = [
 
 def _tma_configs_for(arch: int, bucket: int, variant: str, rule: bool, plain: bool) -> list:
     """The descriptor candidates of a forward call on sm_<arch> (none before sm_90); ``plain``: no mask, dropout
-    or score rule (the calls warp-specialized candidates are offered to)."""
-    if arch < 90:
+    or score rule (the calls warp-specialized candidates are offered to). Hopper only: the static report
+    compiles these for sm_90, and newer GPUs run a different warp-specialization pass."""
+    if not 90 <= arch < 100:
         return []
     table = _TMA_FWD_SM90[bucket]
     configs = list(_TMA_FWD_RULE_SM90.get((bucket, variant), table[variant]) if rule else table[variant])
@@ -355,9 +356,9 @@ def _as_pointer_config(c):
 
 def _tuned_fwd_tma(kernel_fn):
     """forward_tma's kernel as launched on sm_90: autotuned over today's pointer configs of the call and its
-    descriptor candidates; ``None`` before sm_90 and in the interpreter (callers launch it untuned there)."""
+    descriptor candidates; ``None`` off Hopper and in the interpreter (callers launch it untuned there)."""
     arch = _device_arch()
-    if arch < 90:
+    if not 90 <= arch < 100:
         return None
     every = [_as_pointer_config(c) for c in _all_configs(arch, "fwd")]
     seen = {_tma_kernel_key(c) for c in every}

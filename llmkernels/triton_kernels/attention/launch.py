@@ -154,7 +154,7 @@ def forward_with_tma_config(q, k, v, mask, dropout_p, is_causal, scale, rng_stat
 
 def _forward_loads(q, k, v, out) -> str:
     """Which forward kernel a call runs: "pointer" (forward.py) unless its tensors meet TMA's rules
-    (forward_tma.tma_eligible) and either the GPU is sm_90+ (the autotuner then picks among today's pointer
+    (forward_tma.tma_eligible) and either the GPU is sm_90 (the autotuner then picks among today's pointer
     configs and the descriptor ones) or the interpreter was told to (INTERPRETER_FORWARD_LOADS)."""
     if INTERPRETING or _device_arch() == 0:
         wanted = INTERPRETER_FORWARD_LOADS

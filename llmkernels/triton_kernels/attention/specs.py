@@ -159,9 +159,18 @@ def _tma_fwd_specs(arch: int) -> list:
                 ws = [c for c in _tma_configs_for(arch, bucket, "base", False, plain=True)
                       if c.kwargs["WARP_SPECIALIZE"]]
                 jobs += [(cfg, dict(flags, **_NO_RULE), tag) for cfg in ws]
+            if dtype == torch.bfloat16:
+                # The same kernel with TMA=False is forward.py's kernel called as a function (today's pointer
+                # configs of an eligible call): one per variant proves it compiles as the attn_fwd spec does.
+                for variant, rule in ((v, r) for v in ("base", "dropout") for r in (False, True)):
+                    pointer = _configs_for(arch, "fwd", "half", bucket, variant, rule)[0]
+                    flags = dict(_FLAG_SETS[variant], **(_RULE_FLAGS if rule else _NO_RULE))
+                    jobs.append((triton.Config({**pointer.kwargs, "TMA": False, "WARP_SPECIALIZE": False},
+                                               num_warps=pointer.num_warps, num_stages=pointer.num_stages),
+                                 flags, f"{variant}{' rule' if rule else ''} pointer"))
             for cfg, flags, tag in jobs:
                 args = _common_args(dtype, bucket, flags)
-                args.update(B=2, BLOCK_M=cfg.kwargs["BLOCK_M"], BLOCK_N=cfg.kwargs["BLOCK_N"], TMA=True,
+                args.update(B=2, BLOCK_M=cfg.kwargs["BLOCK_M"], BLOCK_N=cfg.kwargs["BLOCK_N"], TMA=cfg.kwargs["TMA"],
                             WARP_SPECIALIZE=cfg.kwargs["WARP_SPECIALIZE"])
                 name = (f"attn_fwd_tma {_TRITON_DTYPE[dtype]} d{bucket} {tag} M{cfg.kwargs['BLOCK_M']} "
                         f"N{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"
@@ -169,7 +178,7 @@ def _tma_fwd_specs(arch: int) -> list:
                 spec = _spec(name, _attn_fwd_tma_kernel, args, cfg, expect_mma=True)
                 # The report flags a descriptor candidate whose SASS lost its TMA loads/stores, or a
                 # warp-specialized one that Triton left unspecialized.
-                spec.expect_sass = ("UTMALDG", "UTMASTG")
+                spec.expect_sass = ("UTMALDG", "UTMASTG") if cfg.kwargs["TMA"] else ()
                 spec.expect_warp_specialized = cfg.kwargs["WARP_SPECIALIZE"]
                 specs.append(spec)
     return specs
