@@ -63,9 +63,9 @@ def _mask(kind, B, L, S, g, device):
 
 # name: (loads, dtype, B, Hq, Hkv, L, S, E, Ev, mask, dropout_p, layout, variant kwargs)
 CASES = {
-    "fp16_causal_gqa_ragged": ("tma", "fp16", 2, 4, 2, 37, 45, 32, 32, None, 0.0, "bhld", dict(is_causal=True)),
+    "fp16_causal_gqa_ragged": ("tma", "fp16", 1, 4, 2, 37, 45, 32, 32, None, 0.0, "bhld", dict(is_causal=True)),
     "bf16_float_mask_E!=Ev": ("tma", "bf16", 1, 2, 2, 29, 33, 24, 40, "float", 0.0, "bhld", {}),
-    "fp16_dropout_bool_transposed": ("tma", "fp16", 1, 3, 3, 21, 50, 16, 16, "bool", 0.25, "blhd", {}),
+    "fp16_dropout_bool_transposed": ("tma", "fp16", 1, 2, 2, 21, 50, 16, 16, "bool", 0.25, "blhd", {}),
     "bf16_rule_window_softcap_alibi_sinks": ("tma", "bf16", 1, 2, 1, 40, 26, 16, 16, None, 0.0, "bhld",
                                              dict(window_size=(5, 7), softcap=2.0, alibi="alibi", sinks=True)),
     "fp16_causal_br_L<S_ws": ("tma_ws", "fp16", 1, 2, 1, 19, 43, 32, 32, None, 0.0, "bhld",
