@@ -4,7 +4,8 @@
 #   benchmarks/gpu_suite.sh OUTDIR
 #
 # prints the environment, measures the copy and matmul ceilings, builds the CUDA extension (just in time, via
-# llmkernels.cuda_ext), runs the GPU tests, runs the quick benchmark sweep, and leaves suite.log, results.json,
+# llmkernels.cuda_ext), runs the GPU tests (those of the paths new since the last GPU run first), runs the quick
+# benchmark sweep, and leaves suite.log, results.json,
 # ceilings.json, tests.xml and plots/ in OUTDIR. Every step runs under `timeout`, so a hung step costs its own
 # budget only. The whole suite ends within TOTAL seconds (7 min 50 s; the H200 session allows 8 min): the tests
 # get what the earlier steps left, minus the sweep's share. Without a GPU it still runs end to end: the GPU
@@ -77,12 +78,23 @@ else
     skip build-cuda "no GPU (the build is compile-checked on CPU by tests/test_cuda_backend.py)"
 fi
 
+# The tests of the paths new since the last GPU run go first, so that a short session still checks them on
+# the GPU: the descriptor (TMA) forward and its warp-specialized candidates, each config of them launched
+# directly (tests/test_forward_tma.py), then the rest of the suite.
+NEW_PATH_TESTS="tests/test_forward_tma.py"
+T_NEW=120
+if [ $HAS_GPU -eq 1 ]; then
+    step new-paths "$T_NEW" $PY -m pytest $NEW_PATH_TESTS -x -q -p no:cacheprovider --junitxml="$OUT/tests-new.xml"
+else
+    skip new-paths "no GPU (CI runs $NEW_PATH_TESTS in Triton's interpreter)"
+fi
+
 if [ $HAS_GPU -eq 1 ]; then
     # test_static_compile.py compiles every Triton config on the CPU: no GPU involved, and CI runs it already.
     T_TESTS=$(( $(left) - T_SWEEP - 5 ))
     [ $T_TESTS -lt 30 ] && T_TESTS=30
     step tests "$T_TESTS" $PY -m pytest tests/ -x -q -p no:cacheprovider --ignore=tests/test_static_compile.py \
-        --junitxml="$OUT/tests.xml"
+        $(printf -- '--ignore=%s ' $NEW_PATH_TESTS) --junitxml="$OUT/tests.xml"
 else
     skip tests "no GPU (CI runs the test suite on CPU: pytest)"
 fi

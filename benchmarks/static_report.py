@@ -24,7 +24,7 @@ import time
 from llmkernels.triton_kernels.compile_report import KERNEL_MODULES as TRITON_MODULES
 
 REPORT_FIELDS = ("name", "arch", "ok", "error", "registers", "local_bytes", "spill_instructions", "shared_bytes",
-                 "hgmma", "hmma", "expect_mma")
+                 "hgmma", "hmma", "expect_mma", "sass_counts", "ws_partitions")
 
 
 def _short(exc: BaseException) -> str:
@@ -55,6 +55,7 @@ def _compile_job(job):
     report = compile_check.compile_spec(_module(module_name).compile_specs(arch)[index], arch)
     row = {f: getattr(report, f) for f in REPORT_FIELDS}
     row.update(module=module_name, spills=report.spills, shared_fits=report.shared_fits, mma_ok=report.mma_ok,
+               missing=report.missing,
                text=report.row())
     return row
 
@@ -164,7 +165,8 @@ def main(argv=None) -> int:
         print(f"  {what}: {count} compiled ({triton['selection']})")
     for e in triton["excluded"]:
         print(f"  sm_{e['arch']}  excluded on purpose: {e['config']}: {e['reason']}")
-    bad = [r for r in triton["configs"] if not (r["ok"] and not r["spills"] and r["shared_fits"] and r["mma_ok"])]
+    bad = [r for r in triton["configs"]
+           if not (r["ok"] and not r["spills"] and r["shared_fits"] and r["mma_ok"] and not r.get("missing"))]
     for r in bad:
         print(f"  PROBLEM: {r['text']}" + ("" if r["mma_ok"] else " (expected tensor-core instructions)")
               + ("" if r["shared_fits"] else " (shared memory over the limit)"))

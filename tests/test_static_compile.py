@@ -59,3 +59,36 @@ def test_half_precision_dots_use_tensor_cores(static_report):
 def test_excluded_configs_have_reasons(static_report):
     for row in static_report["excluded"]:
         assert row["reason"].strip(), f"excluded config without a reason: {row}"
+
+
+def _sass(row, name):
+    return row["sass_counts"].get(name, 0)
+
+
+def test_softmax_moves_rows_in_16_byte_vectors_and_long_rows_twice(static_report):
+    """Masked softmax, contiguous 16-bit rows with a same-dtype mask (specs of softmax.compile_specs): the SASS
+    loads and stores 16-byte vectors, and the counts show the passes: on chip x and the mask are read once and y
+    written once (LDG.128 = 2 x STG.128); the long-row path reads both twice (LDG.128 = 4 x STG.128). The
+    backward likewise reads dy and y once on chip and twice on long rows."""
+    rows = [r for r in static_report["configs"] if r["ok"] and r["name"].startswith("softmax_")
+            and ("float16" in r["name"] or "bfloat16" in r["name"]) and "_strided" not in r["name"]
+            and "fp32mask" not in r["name"]]
+    assert rows
+    wrong = []
+    for r in rows:
+        loads, stores = _sass(r, "LDG.128"), _sass(r, "STG.128")
+        reads = 2 if "_long_" in r["name"] else 1
+        if not stores or loads != 2 * reads * stores:
+            wrong.append(f"sm_{r['arch']} {r['name']}: LDG.128 {loads}, STG.128 {stores} (want {2 * reads} x)")
+    assert not wrong, "softmax kernels without the expected 16-byte vector traffic:\n" + "\n".join(wrong)
+
+
+def test_descriptor_forward_uses_tma_and_warp_specialization(static_report):
+    """The sm_90 descriptor forward candidates (attention/forward_tma.py): every one loads through TMA and
+    stores O through it, and every warp-specialized one was really split into partitions."""
+    rows = [r for r in static_report["configs"] if r["ok"] and r["name"].startswith("attn_fwd_tma")
+            and " pointer " not in r["name"]]
+    assert rows and {r["arch"] for r in rows} == {90}
+    assert all(_sass(r, "UTMALDG") and _sass(r, "UTMASTG") for r in rows), [r["name"] for r in rows]
+    ws = [r for r in rows if r["name"].endswith(" ws")]
+    assert ws and all(r["ws_partitions"] >= 1 and _sass(r, "SETMAXREG") for r in ws), [r["name"] for r in ws]

@@ -21,6 +21,17 @@ from typing import Any, Optional
 # Largest dynamic shared memory one block may use (opt-in maximum), by architecture, in bytes.
 MAX_SHARED_BYTES = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
+# SASS instructions the report counts beside the matrix ones, by column name (a regular expression over the
+# nvdisasm text each). Data-driven: a kernel concern with its own instructions (the backward's atomic reductions,
+# say) is one more row here, and a spec names the columns that must be non-zero in ``expect_sass``.
+SASS_COLUMNS = {
+    "UTMALDG": r"\bUTMALDG\b",  # TMA tile loads (tensor descriptors)
+    "UTMASTG": r"\bUTMASTG\b",  # TMA tile stores
+    "LDG.128": r"\bLDG\.E(?:\.[A-Z0-9_]+)*\.128\b",  # 16-byte vector global loads
+    "STG.128": r"\bSTG\.E(?:\.[A-Z0-9_]+)*\.128\b",  # 16-byte vector global stores
+    "SETMAXREG": r"\bUSETMAXREG\b",  # register reallocation between warp-specialized partitions
+}
+
 
 @dataclass
 class CompileSpec:
@@ -39,6 +50,10 @@ class CompileSpec:
     num_stages: int
     expect_mma: bool = False
     options: dict = field(default_factory=dict)
+    # SASS_COLUMNS that must be non-zero (e.g. ("UTMALDG", "UTMASTG") for a descriptor kernel), and whether the
+    # kernel must come out warp-specialized (partitions in its TTGIR).
+    expect_sass: tuple = ()
+    expect_warp_specialized: bool = False
     # Argument attributes the JIT would derive at launch, e.g. {(0,): [["tt.divisibility", 16]]} for a 16-byte
     # aligned pointer or a stride that is a multiple of 16 (they enable vectorised loads, so they change codegen).
     attrs: dict = field(default_factory=dict)
@@ -57,6 +72,10 @@ class CompileReport:
     hgmma: int = 0
     hmma: int = 0
     expect_mma: bool = False
+    sass_counts: dict = field(default_factory=dict)  # SASS_COLUMNS name -> count
+    ws_partitions: int = 0  # warp-specialized partitions beside the default one (0: not specialized)
+    expect_sass: tuple = ()
+    expect_warp_specialized: bool = False
 
     @property
     def spills(self) -> bool:
@@ -73,12 +92,29 @@ class CompileReport:
             return True
         return self.hgmma > 0 if self.arch >= 90 else self.hmma > 0
 
+    @property
+    def missing(self) -> list:
+        """The expected instructions (``expect_sass``) and warp specialization the SASS/TTGIR lack."""
+        gone = [name for name in self.expect_sass if not self.sass_counts.get(name)]
+        if self.expect_warp_specialized and not self.ws_partitions:
+            gone.append("warp-specialized partitions")
+        return gone
+
+    @property
+    def problem(self) -> bool:
+        return not (self.ok and not self.spills and self.shared_fits and self.mma_ok and not self.missing)
+
     def row(self) -> str:
         if not self.ok:
             return f"sm_{self.arch}  {self.name}: COMPILE ERROR {self.error}"
         mma = f"HGMMA {self.hgmma}" if self.hgmma else (f"HMMA {self.hmma}" if self.hmma else "no MMA")
+        extra = "".join(f", {name} {n}" for name, n in self.sass_counts.items() if n)
+        if self.ws_partitions:
+            extra += f", warp-specialized ({self.ws_partitions} partitions + default)"
+        if self.missing:
+            extra += f", MISSING {' / '.join(self.missing)}"
         return (f"sm_{self.arch}  {self.name}: {self.registers} regs, {self.shared_bytes / 1024:.1f} KiB smem, "
-                f"spills {'YES (' + str(self.local_bytes) + ' B local)' if self.spills else 'none'}, {mma}")
+                f"spills {'YES (' + str(self.local_bytes) + ' B local)' if self.spills else 'none'}, {mma}{extra}")
 
 
 def _triton_bin(tool: str) -> str:
@@ -97,7 +133,8 @@ def compile_spec(spec: CompileSpec, arch: int) -> CompileReport:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    report = CompileReport(spec.name, arch, ok=False, expect_mma=spec.expect_mma)
+    report = CompileReport(spec.name, arch, ok=False, expect_mma=spec.expect_mma, expect_sass=tuple(spec.expect_sass),
+                           expect_warp_specialized=spec.expect_warp_specialized)
     try:
         src = ASTSource(fn=spec.fn, signature=dict(spec.signature), constexprs=dict(spec.constexprs),
                         attrs=dict(spec.attrs) or None)
@@ -123,5 +160,9 @@ def compile_spec(spec: CompileSpec, arch: int) -> CompileReport:
     report.spill_instructions = len(re.findall(r"\b(?:LDL|STL)\b", sass))
     report.hgmma = len(re.findall(r"\bHGMMA\b", sass))
     report.hmma = len(re.findall(r"\bHMMA\b", sass))
+    report.sass_counts = {name: len(re.findall(pattern, sass)) for name, pattern in SASS_COLUMNS.items()}
+    # Triton's warp specialization shows in the TTGIR as one ttg.warp_specialize op whose extra partitions are
+    # regions named partition0, partition1, ...
+    report.ws_partitions = len(set(re.findall(r"\bpartition(\d+)\s*\(", kernel.asm.get("ttgir", ""))))
     report.ok = True
     return report

@@ -74,13 +74,14 @@ def main(argv=None) -> int:
     for arch in args.arch:
         for desc, why in all_excluded(arch):
             print(f"sm_{arch}  excluded: {desc}: {why}")
-    bad = [r for r in reports if not (r.ok and not r.spills and r.shared_fits and r.mma_ok)]
+    bad = [r for r in reports if r.problem]
     print(f"{len(reports)} configs compiled, {len(bad)} with problems")
     if args.json:
         fields = ("name", "arch", "ok", "error", "registers", "local_bytes", "spill_instructions", "shared_bytes",
                   "hgmma", "hmma", "expect_mma")
+        fields += ("sass_counts", "ws_partitions", "expect_sass", "expect_warp_specialized")
         rows = [{f: getattr(r, f) for f in fields} | {"spills": r.spills, "shared_fits": r.shared_fits,
-                                                       "mma_ok": r.mma_ok} for r in reports]
+                                                       "mma_ok": r.mma_ok, "missing": r.missing} for r in reports]
         excluded = [{"arch": a, "config": d, "reason": w} for a in args.arch for d, w in all_excluded(a)]
         with open(args.json, "w") as f:
             json.dump({"configs": rows, "excluded": excluded}, f, indent=1)

@@ -9,6 +9,8 @@ One module per part, so that a new variant (a score rule, a key range, a config 
                 window, key bound), the Philox dropout pattern, and the opening that maps a program to its
                 query block (forward, dQ)
 ``forward``     the forward kernel and its two-phase key loop
+``forward_tma`` the forward with tensor-descriptor (TMA) loads and warp-specialized candidates (extra sm_90
+                autotune candidates beside forward's configs), and the per-call TMA rule
 ``backward``    the three backward kernels: preprocess, dK/dV, dQ
 ``configs``     launch-config tables per arch, the configs excluded from them with the reason, autotuning
 ``specs``       the static compile specs of every config (``compile_check`` compiles them; nothing else)
@@ -16,9 +18,9 @@ One module per part, so that a new variant (a score rule, a key range, a config 
                 ``dispatch.TritonBackend``), the dense PyTorch backward fallback, ``dropout_keep_mask``
 ==============  =============================================================================================
 
-Imports go one way: ranges <- tiles <- forward, backward <- launch, specs; configs <- launch, specs. This package
-re-exports the names other modules use, so ``from llmkernels.triton_kernels import attention`` followed by
-``attention.attention_forward(...)`` works (dispatch looks the launchers up here at call time, which is what
+Imports go one way: ranges <- tiles <- forward <- forward_tma, backward <- launch, specs; configs <- launch,
+specs. This package re-exports the names other modules use, so ``from llmkernels.triton_kernels import
+attention`` followed by ``attention.attention_forward(...)`` works (dispatch looks the launchers up here at call time, which is what
 lets tests spy on them).
 
 Design (FlashAttention-2, Dao 2023), detailed in each module's docstring: one program per query block streams

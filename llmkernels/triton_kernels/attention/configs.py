@@ -284,4 +284,107 @@ def _split_dkdv(block_d: int, dtype) -> bool:
 
 def excluded_configs(arch: int) -> list:
     """(config, reason) for the configs deliberately not offered on sm_<arch> (they spill or do not fit)."""
-    return [(desc, reason) for (a, desc, reason) in _EXCLUDED + _RULE_EXCLUDED if _arch_family(arch) == a]
+    return [(desc, reason) for (a, desc, reason) in _EXCLUDED + _RULE_EXCLUDED + _TMA_EXCLUDED
+            if _arch_family(arch) == a]
+
+# The descriptor (TMA) forward of forward_tma.py on sm_90, fp16/bf16: candidates the autotuner tries *beside* the
+# pointer configs above (which that kernel runs too, with TMA=False), for calls whose tensors meet TMA's rules.
+# Head-dim bucket -> variant -> configs. Warp-specialized candidates (WARP_SPECIALIZE=True) need 4 warps (Triton's
+# Hopper pass leaves an 8-warp loop unspecialized) and are offered only to calls without a mask, dropout or score
+# rule, causal or not (_tma_configs_for), and have 64-row tiles (a 128-row one makes the pass split the Q tile
+# and fail to compile). Every entry compiles spill-free for sm_90 under triton 3.6 and 3.8 (specs.py compiles
+# each with the heaviest flags it is offered to); excluded_configs lists what was left out.
+def _tma_cfg(block_m, block_n, warps, stages, warp_specialize=False):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "TMA": True, "WARP_SPECIALIZE": warp_specialize},
+                         num_warps=warps, num_stages=stages)
+
+
+_TMA_FWD_SM90 = {
+    64: {"base": [_tma_cfg(128, 64, 8, 3), _tma_cfg(128, 128, 8, 2)],
+         "dropout": [_tma_cfg(128, 32, 8, 2), _tma_cfg(64, 32, 4, 2)],
+         "ws": [_tma_cfg(64, 128, 4, 3, True), _tma_cfg(64, 64, 4, 3, True)]},
+    128: {"base": [_tma_cfg(128, 64, 8, 3), _tma_cfg(128, 128, 8, 2)],
+          "dropout": [_tma_cfg(128, 32, 8, 2), _tma_cfg(64, 32, 4, 2)],
+          "ws": [_tma_cfg(64, 128, 4, 2, True), _tma_cfg(64, 64, 4, 3, True)]},
+    256: {"base": [_tma_cfg(128, 32, 8, 2), _tma_cfg(64, 64, 8, 2)],
+          "dropout": [_tma_cfg(64, 32, 8, 2)],
+          "ws": []},
+}
+# With the score rule's flags, where the plain list spills: (bucket, variant) -> configs.
+_TMA_FWD_RULE_SM90 = {
+    (128, "base"): [_tma_cfg(128, 64, 8, 3)],  # M128 N128 w8 s2 spills 80 B with the rule (triton 3.8)
+}
+
+
+_TMA_EXCLUDED = [
+    (90, "attn_fwd_tma fp16/bf16 head dim 1-64 with dropout, M64 N64 w4 s2",
+     "spills 72 B under triton 3.8 (136 B with the score rule under 3.6); M64 N32 w4 s2 offered instead"),
+    (90, "attn_fwd_tma fp16/bf16 head dim 65-128 with dropout, M64 N64 w4 s2",
+     "spills 24-248 B under triton 3.8; M64 N32 w4 s2 offered instead"),
+    (90, "attn_fwd_tma fp16/bf16 head dim 65-128 with the score rule, M128 N128 w8 s2",
+     "spills 80 B under triton 3.8; M128 N64 w8 s3 kept"),
+    (90, "attn_fwd_tma warp-specialized with 128-row tiles (M128 N64 w4), or with a second key loop after the "
+         "specialized one (forward.py's phases)", "Triton 3.6 and 3.8's Hopper warp-specialization pass fails "
+     "to compile them (PassManager error in NVGPUWarpSpecialization); 64-row tiles and one key loop offered"),
+    (90, "attn_fwd_tma warp-specialized with 8 warps", "Triton 3.6 / 3.8 leave an 8-warp loop unspecialized "
+     "(no partitions in the TTGIR), so it would only duplicate the plain candidate; 4 warps offered"),
+]
+
+
+def _tma_configs_for(arch: int, bucket: int, variant: str, rule: bool, plain: bool) -> list:
+    """The descriptor candidates of a forward call on sm_<arch> (none before sm_90); ``plain``: no mask, dropout
+    or score rule (the calls warp-specialized candidates are offered to). Hopper only: the static report
+    compiles these for sm_90, and newer GPUs run a different warp-specialization pass."""
+    if not 90 <= arch < 100:
+        return []
+    table = _TMA_FWD_SM90[bucket]
+    configs = list(_TMA_FWD_RULE_SM90.get((bucket, variant), table[variant]) if rule else table[variant])
+    if plain:
+        configs += table["ws"]
+    return configs
+
+
+def _tma_kernel_key(c):
+    return (*_config_key(c), c.kwargs.get("TMA", False), c.kwargs.get("WARP_SPECIALIZE", False))
+
+
+def _as_pointer_config(c):
+    """A pointer config of the forward table, for forward_tma's kernel (which runs it as forward.py's)."""
+    return triton.Config({**c.kwargs, "TMA": False, "WARP_SPECIALIZE": False}, num_warps=c.num_warps,
+                         num_stages=c.num_stages)
+
+
+def _tuned_fwd_tma(kernel_fn):
+    """forward_tma's kernel as launched on sm_90: autotuned over today's pointer configs of the call and its
+    descriptor candidates; ``None`` off Hopper and in the interpreter (callers launch it untuned there)."""
+    arch = _device_arch()
+    if not 90 <= arch < 100:
+        return None
+    every = [_as_pointer_config(c) for c in _all_configs(arch, "fwd")]
+    seen = {_tma_kernel_key(c) for c in every}
+    for per_variant in _TMA_FWD_SM90.values():
+        for configs in per_variant.values():
+            for c in configs:
+                if _tma_kernel_key(c) not in seen:
+                    seen.add(_tma_kernel_key(c))
+                    every.append(c)
+    for configs in _TMA_FWD_RULE_SM90.values():
+        for c in configs:
+            if _tma_kernel_key(c) not in seen:
+                seen.add(_tma_kernel_key(c))
+                every.append(c)
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        bucket = _head_bucket(max(args["BLOCK_D"], args["BLOCK_DV"]))
+        variant = "dropout" if args["HAS_DROPOUT"] else "base"
+        rule = _has_rule_flags(args)
+        precision = _precision_class(args["Q"].dtype)
+        wanted = {(*_config_key(c), False, False) for c in _configs_for(arch, "fwd", precision, bucket, variant, rule)}
+        if precision == "half":
+            plain = not (args["HAS_MASK"] or args["HAS_DROPOUT"] or rule)
+            wanted |= {_tma_kernel_key(c) for c in _tma_configs_for(arch, bucket, variant, rule, plain)}
+        return [c for c in configs if _tma_kernel_key(c) in wanted]
+
+    return triton.autotune(configs=every, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})(kernel_fn)
+

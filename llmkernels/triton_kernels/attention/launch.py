@@ -12,14 +12,22 @@ from ... import _alloc, reference
 from ...contract import ScoreRule
 from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
 from .configs import (INTERPRETER_BLOCK, INTERPRETING, PREPROCESS_BLOCK_M, SEQ_BUCKET_CAP, _configs_for,
-                      _device_arch, _head_bucket, _precision_class, _split_dkdv, _tuned)
+                      _device_arch, _head_bucket, _precision_class, _split_dkdv, _tuned, _tuned_fwd_tma)
 from .forward import _attn_fwd_kernel
+from .forward_tma import _attn_fwd_tma_kernel, ensure_allocator, tma_eligible
 from .tiles import _dropout_keep_mask_kernel
 
 
 _attn_fwd = _tuned(_attn_fwd_kernel, "fwd")
 _attn_bwd_dkdv = _tuned(_attn_bwd_dkdv_kernel, "dkdv")
 _attn_bwd_dq = _tuned(_attn_bwd_dq_kernel, "dq")
+# sm_90: the descriptor forward, autotuned over today's pointer configs and its TMA candidates (None elsewhere).
+_attn_fwd_tma = _tuned_fwd_tma(_attn_fwd_tma_kernel)
+
+# In the interpreter nothing is tuned, so which loads an eligible (tma_eligible) forward call runs is chosen
+# here: "pointer" (forward.py, the default), "tma" (forward_tma's descriptors) or "tma_ws" (its warp-specialized
+# loop body). Tests set it to run every path against the reference; on a GPU the autotuner chooses.
+INTERPRETER_FORWARD_LOADS = "pointer"
 
 
 def _launch(kernel, total_rows_fn, *args, **constexprs):
@@ -85,12 +93,9 @@ def _check_rng(rng_state, dropout_p, device):
     return rng_state.to(device).contiguous()
 
 
-def attention_forward(q, k, v, mask, dropout_p: float, is_causal: bool, scale: float, rng_state, rule=None,
-                      out_dtype=None):
-    """FlashAttention forward on the canonical form: returns out (B, Hq, L, Ev) in q.dtype and lse (B, Hq, L)
-    fp32 (natural log of the whole denominator, sink included; -inf on rows that see no key, whose output is 0,
-    or the sink logit with sinks). ``out_dtype=torch.float32`` stores the fp32 accumulator unrounded (the kernel
-    converts to the output buffer's dtype), for callers that merge partial attentions (llmkernels.distributed)."""
+def _forward_launch(q, k, v, mask, dropout_p, is_causal, scale, rng_state, rule, out_dtype=None):
+    """(out, lse, grid_rows, args, constexprs) of a forward launch: the outputs allocated, the arguments of
+    forward.py's kernel (forward_tma's takes them too, plus B and Hkv)."""
     B, Hq, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     out = _alloc.new_output((B, Hq, L, Ev), out_dtype or q.dtype, q.device)
@@ -101,16 +106,68 @@ def attention_forward(q, k, v, mask, dropout_p: float, is_causal: bool, scale: f
     sinks = None if rule is None else rule.sinks
     if sinks is not None and tuple(sinks.shape) != (Hq,):
         raise ValueError(f"sinks must have shape ({Hq},), got {tuple(sinks.shape)}")
-    _launch(_attn_fwd, lambda meta: triton.cdiv(L, meta["BLOCK_M"]) * B * Hq,
-            q, k, v, mask_t, rng if rng is not None else lse, alibi_t, sinks if sinks is not None else lse, out, lse,
+    grid_rows = lambda meta: triton.cdiv(L, meta["BLOCK_M"]) * B * Hq  # noqa: E731
+    args = (q, k, v, mask_t, rng if rng is not None else lse, alibi_t, sinks if sinks is not None else lse, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
-            Hq, L, S, Hq // Hkv, float(scale), float(dropout_p), _seq_bucket(L), _seq_bucket(S),
-            **rule_scalars, stride_sinks=sinks.stride(0) if sinks is not None else 0,
-            HAS_SINKS=sinks is not None, **rule_flags,
-            HEAD_DIM=E, HEAD_DIM_V=Ev, IS_CAUSAL=bool(is_causal), HAS_MASK=has_mask, MASK_IS_BOOL=mask_is_bool,
-            HAS_DROPOUT=rng is not None, DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=_block(E),
-            BLOCK_DV=_block(Ev))
+            Hq, L, S, Hq // Hkv, float(scale), float(dropout_p), _seq_bucket(L), _seq_bucket(S))
+    constexprs = dict(**rule_scalars, stride_sinks=sinks.stride(0) if sinks is not None else 0,
+                      HAS_SINKS=sinks is not None, **rule_flags,
+                      HEAD_DIM=E, HEAD_DIM_V=Ev, IS_CAUSAL=bool(is_causal), HAS_MASK=has_mask,
+                      MASK_IS_BOOL=mask_is_bool, HAS_DROPOUT=rng is not None, DOT_PRECISION=_dot_precision(q.dtype),
+                      BLOCK_D=_block(E), BLOCK_DV=_block(Ev))
+    return out, lse, grid_rows, args, constexprs
+
+
+def attention_forward(q, k, v, mask, dropout_p: float, is_causal: bool, scale: float, rng_state, rule=None,
+                      out_dtype=None):
+    """FlashAttention forward on the canonical form: returns out (B, Hq, L, Ev) in q.dtype and lse (B, Hq, L)
+    fp32 (natural log of the whole denominator, sink included; -inf on rows that see no key, whose output is 0,
+    or the sink logit with sinks). ``out_dtype=torch.float32`` stores the fp32 accumulator unrounded (the kernel
+    converts to the output buffer's dtype), for callers that merge partial attentions (llmkernels.distributed);
+    such calls keep the pointer kernel (the descriptor kernel's rules are for fp16/bf16 outputs)."""
+    B, Hq, Hkv = q.shape[0], q.shape[1], k.shape[1]
+    out, lse, grid_rows, args, constexprs = _forward_launch(q, k, v, mask, dropout_p, is_causal, scale, rng_state,
+                                                            rule, out_dtype)
+    loads = _forward_loads(q, k, v, out) if out.dtype == q.dtype else "pointer"
+    if loads == "pointer":
+        _launch(_attn_fwd, grid_rows, *args, **constexprs)
+    elif INTERPRETING or _device_arch() == 0:
+        meta = {"BLOCK_M": INTERPRETER_BLOCK, "BLOCK_N": INTERPRETER_BLOCK}
+        _attn_fwd_tma_kernel[(grid_rows(meta),)](*args, **constexprs, B=B, Hkv=Hkv, TMA=True,
+                                                 WARP_SPECIALIZE=loads == "tma_ws", **meta)
+    else:
+        ensure_allocator()
+        _attn_fwd_tma[lambda meta: (grid_rows(meta),)](*args, **constexprs, B=B, Hkv=Hkv)
     return out, lse
+
+
+def forward_with_tma_config(q, k, v, mask, dropout_p, is_causal, scale, rng_state, rule, config):
+    """The descriptor forward launched with one given ``triton.Config`` of configs._TMA_FWD_SM90 (no autotuning),
+    for the GPU tests that check every candidate the autotuner may pick. Raises for a call outside TMA's rules."""
+    B, Hq, Hkv = q.shape[0], q.shape[1], k.shape[1]
+    out, lse, grid_rows, args, constexprs = _forward_launch(q, k, v, mask, dropout_p, is_causal, scale, rng_state,
+                                                            rule)
+    if not tma_eligible(q, k, v, out):
+        raise ValueError("forward_with_tma_config: the call breaks TMA's rules (forward_tma.tma_refusals)")
+    ensure_allocator()
+    _attn_fwd_tma_kernel[(grid_rows(config.kwargs),)](*args, **constexprs, B=B, Hkv=Hkv, **config.kwargs,
+                                                      num_warps=config.num_warps, num_stages=config.num_stages)
+    return out, lse
+
+
+def _forward_loads(q, k, v, out) -> str:
+    """Which forward kernel a call runs: "pointer" (forward.py) unless its tensors meet TMA's rules
+    (forward_tma.tma_eligible) and either the GPU is sm_90 (the autotuner then picks among today's pointer
+    configs and the descriptor ones) or the interpreter was told to (INTERPRETER_FORWARD_LOADS)."""
+    if INTERPRETING or _device_arch() == 0:
+        wanted = INTERPRETER_FORWARD_LOADS
+        if wanted not in ("pointer", "tma", "tma_ws"):
+            raise ValueError(f"INTERPRETER_FORWARD_LOADS must be 'pointer', 'tma' or 'tma_ws', got {wanted!r}")
+    else:
+        wanted = "tma" if _attn_fwd_tma is not None else "pointer"
+    if wanted != "pointer" and not tma_eligible(q, k, v, out):
+        return "pointer"
+    return wanted
 
 
 # The kernels' backward recomputes the weights as exp(s - lse). Where every visible key of a row has a score far

@@ -11,8 +11,10 @@ import triton
 
 from ..compile_check import CompileSpec
 from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
-from .configs import PREPROCESS_BLOCK_M, _configs_for, _precision_class, _split_dkdv
+from .configs import (PREPROCESS_BLOCK_M, _TMA_FWD_SM90, _configs_for, _precision_class, _split_dkdv,
+                      _tma_configs_for)
 from .forward import _attn_fwd_kernel
+from .forward_tma import _attn_fwd_tma_kernel
 
 
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -121,6 +123,7 @@ def compile_specs(arch: int) -> list:
                                     f"M{cfg.kwargs['BLOCK_M']} N{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} "
                                     f"s{cfg.num_stages}")
                             specs.append(_spec(name, fn, args, cfg, expect_mma=dtype != torch.float32))
+    specs += _tma_fwd_specs(arch)
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for natural, tag in ((False, ""), (True, " float-mask")):  # the lse in base-2 / natural score units
             args = _common_args(dtype, 256, dict(HAS_GRAD_LSE=True, SCORES_NATURAL=natural))
@@ -128,4 +131,55 @@ def compile_specs(arch: int) -> list:
                         BLOCK_M=PREPROCESS_BLOCK_M)
             specs.append(_spec(f"attn_bwd_preprocess {_TRITON_DTYPE[dtype]} d256{tag}", _attn_bwd_preprocess_kernel,
                                args, triton.Config({}, num_warps=4, num_stages=1), expect_mma=False))
+    return specs
+
+
+# The warp-specialized candidates are offered only to calls without a mask, dropout or score rule: compiled for
+# those, causal (two key phases) and not, since Triton's Hopper pass sees a different loop nest in each.
+_WS_FLAG_SETS = {"causal": dict(IS_CAUSAL=True, HAS_MASK=False, MASK_IS_BOOL=False, HAS_DROPOUT=False),
+                 "noncausal": dict(IS_CAUSAL=False, HAS_MASK=False, MASK_IS_BOOL=False, HAS_DROPOUT=False)}
+
+
+def _tma_fwd_specs(arch: int) -> list:
+    """forward_tma's descriptor candidates (configs._TMA_FWD_SM90) on sm_90, fp16/bf16, typed like a launch of
+    the descriptor kernel (B and Hkv added; the pointer configs it also runs are the attn_fwd specs): the plain
+    candidates with each variant's heaviest flags, without and with the score rule; the warp-specialized ones
+    with the flags they are offered to."""
+    specs = []
+    if arch < 90:
+        return specs
+    for dtype in (torch.float16, torch.bfloat16):
+        for bucket in _TMA_FWD_SM90:
+            jobs = []
+            for variant, rule in ((v, r) for v in ("base", "dropout") for r in (False, True)):
+                flags = dict(_FLAG_SETS[variant], **(_RULE_FLAGS if rule else _NO_RULE))
+                tag = f"{variant}{' rule' if rule else ''}"
+                jobs += [(cfg, flags, tag) for cfg in _tma_configs_for(arch, bucket, variant, rule, plain=False)]
+            for tag, flags in _WS_FLAG_SETS.items():
+                ws = [c for c in _tma_configs_for(arch, bucket, "base", False, plain=True)
+                      if c.kwargs["WARP_SPECIALIZE"]]
+                jobs += [(cfg, dict(flags, **_NO_RULE), tag) for cfg in ws]
+            if dtype == torch.bfloat16 and bucket == 128:
+                # The same kernel with TMA=False is forward.py's kernel called as a function (today's pointer
+                # configs of an eligible call): one per variant, at one bucket, shows it compiles as the attn_fwd
+                # spec does (same registers) without doubling the report's compile time.
+                for variant, rule in ((v, r) for v in ("base", "dropout") for r in (False, True)):
+                    pointer = _configs_for(arch, "fwd", "half", bucket, variant, rule)[0]
+                    flags = dict(_FLAG_SETS[variant], **(_RULE_FLAGS if rule else _NO_RULE))
+                    jobs.append((triton.Config({**pointer.kwargs, "TMA": False, "WARP_SPECIALIZE": False},
+                                               num_warps=pointer.num_warps, num_stages=pointer.num_stages),
+                                 flags, f"{variant}{' rule' if rule else ''} pointer"))
+            for cfg, flags, tag in jobs:
+                args = _common_args(dtype, bucket, flags)
+                args.update(B=2, BLOCK_M=cfg.kwargs["BLOCK_M"], BLOCK_N=cfg.kwargs["BLOCK_N"], TMA=cfg.kwargs["TMA"],
+                            WARP_SPECIALIZE=cfg.kwargs["WARP_SPECIALIZE"])
+                name = (f"attn_fwd_tma {_TRITON_DTYPE[dtype]} d{bucket} {tag} M{cfg.kwargs['BLOCK_M']} "
+                        f"N{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"
+                        f"{' ws' if cfg.kwargs['WARP_SPECIALIZE'] else ''}")
+                spec = _spec(name, _attn_fwd_tma_kernel, args, cfg, expect_mma=True)
+                # The report flags a descriptor candidate whose SASS lost its TMA loads/stores, or a
+                # warp-specialized one that Triton left unspecialized.
+                spec.expect_sass = ("UTMALDG", "UTMASTG") if cfg.kwargs["TMA"] else ()
+                spec.expect_warp_specialized = cfg.kwargs["WARP_SPECIALIZE"]
+                specs.append(spec)
     return specs
