@@ -57,6 +57,7 @@ class CompileReport:
     hgmma: int = 0
     hmma: int = 0
     expect_mma: bool = False
+    atomics: int = 0  # global atomic reductions in the SASS (RED, ATOM/ATOMG): the fused backward's dQ adds
 
     @property
     def spills(self) -> bool:
@@ -78,7 +79,8 @@ class CompileReport:
             return f"sm_{self.arch}  {self.name}: COMPILE ERROR {self.error}"
         mma = f"HGMMA {self.hgmma}" if self.hgmma else (f"HMMA {self.hmma}" if self.hmma else "no MMA")
         return (f"sm_{self.arch}  {self.name}: {self.registers} regs, {self.shared_bytes / 1024:.1f} KiB smem, "
-                f"spills {'YES (' + str(self.local_bytes) + ' B local)' if self.spills else 'none'}, {mma}")
+                f"spills {'YES (' + str(self.local_bytes) + ' B local)' if self.spills else 'none'}, {mma}"
+                + (f", atomics {self.atomics}" if self.atomics else ""))
 
 
 def _triton_bin(tool: str) -> str:
@@ -123,5 +125,6 @@ def compile_spec(spec: CompileSpec, arch: int) -> CompileReport:
     report.spill_instructions = len(re.findall(r"\b(?:LDL|STL)\b", sass))
     report.hgmma = len(re.findall(r"\bHGMMA\b", sass))
     report.hmma = len(re.findall(r"\bHMMA\b", sass))
+    report.atomics = len(re.findall(r"\b(?:RED|ATOM|ATOMG)\.", sass))
     report.ok = True
     return report

@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     print(f"{len(reports)} configs compiled, {len(bad)} with problems")
     if args.json:
         fields = ("name", "arch", "ok", "error", "registers", "local_bytes", "spill_instructions", "shared_bytes",
-                  "hgmma", "hmma", "expect_mma")
+                  "hgmma", "hmma", "expect_mma", "atomics")
         rows = [{f: getattr(r, f) for f in fields} | {"spills": r.spills, "shared_fits": r.shared_fits,
                                                        "mma_ok": r.mma_ok} for r in reports]
         excluded = [{"arch": a, "config": d, "reason": w} for a in args.arch for d, w in all_excluded(a)]

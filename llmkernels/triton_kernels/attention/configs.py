@@ -285,3 +285,59 @@ def _split_dkdv(block_d: int, dtype) -> bool:
 def excluded_configs(arch: int) -> list:
     """(config, reason) for the configs deliberately not offered on sm_<arch> (they spill or do not fit)."""
     return [(desc, reason) for (a, desc, reason) in _EXCLUDED + _RULE_EXCLUDED if _arch_family(arch) == a]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The fused backward (backward_fused.py): BLOCK_N keys held (K, V, dK, dV in registers), BLOCK_M queries streamed,
+# dQ added atomically. (arch family, precision, head-dim bucket, variant) -> configs; None or absent: no fused
+# config is offered, and such calls take the separate-pass backward (launch.fused_backward_reasons says so).
+# BLOCK_M = 64 keeps the dQ product (M = the query block) on wgmma on sm_90; its other products have M = BLOCK_N.
+FUSED_CONFIGS = {
+    (90, "half", 64, "base"): [_cfg(64, 128, 8, 2), _cfg(64, 64, 4, 2)],
+    (90, "half", 128, "base"): [_cfg(64, 128, 8, 2), _cfg(64, 64, 8, 2)],
+    (80, "half", 64, "base"): [_cfg(64, 128, 8, 2), _cfg(64, 64, 4, 2)],
+    (80, "half", 128, "base"): [_cfg(64, 64, 8, 2)],
+}
+# Calls with the score rule or dropout: (arch family, precision, bucket, variant, rule) -> configs where they differ
+# from FUSED_CONFIGS[(family, precision, bucket, variant)] (rule False) or are offered at all.
+FUSED_RULE_CONFIGS = {}
+FUSED_EXCLUDED = []
+
+
+def fused_configs_for(arch: int, precision: str, bucket: int, variant: str, rule: bool = False):
+    """The fused backward's configs for a call on sm_<arch>, or None where it takes the separate passes."""
+    family = _arch_family(arch)
+    if rule and (family, precision, bucket, variant, True) in FUSED_RULE_CONFIGS:
+        return FUSED_RULE_CONFIGS[(family, precision, bucket, variant, True)]
+    return FUSED_CONFIGS.get((family, precision, bucket, variant))
+
+
+def _all_fused_configs(arch: int) -> list:
+    seen = []
+    tables = [c for (family, *_), c in FUSED_CONFIGS.items() if family == _arch_family(arch)]
+    tables += [c for (family, *_), c in FUSED_RULE_CONFIGS.items() if family == _arch_family(arch)]
+    for configs in tables:
+        seen.extend(c for c in (configs or []) if _config_key(c) not in {_config_key(x) for x in seen})
+    return seen
+
+
+def _prune_fused(arch: int):
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        wanted = {_config_key(c) for c in fused_configs_for(
+            arch, _precision_class(args["Q"].dtype), _head_bucket(max(args["BLOCK_D"], args["BLOCK_DV"])),
+            "dropout" if args["HAS_DROPOUT"] else "base", _has_rule_flags(args)) or []}
+        return [c for c in configs if _config_key(c) in wanted]
+    return prune
+
+
+def _tuned_fused(kernel_fn):
+    """The fused backward kernel as launched: autotuned on a GPU (the workspace DQ is zeroed before every trial
+    launch, since the kernel accumulates into it), the plain jit function in the interpreter."""
+    kernel_fn = triton.heuristics({"EVEN_M": lambda args: args["L"] % args["BLOCK_M"] == 0})(kernel_fn)
+    arch = _device_arch()
+    if arch == 0:
+        return kernel_fn
+    return triton.autotune(configs=_all_fused_configs(arch), key=_TUNE_KEY + ["HAS_GRAD_LSE"],
+                           prune_configs_by={"early_config_prune": _prune_fused(arch)},
+                           reset_to_zero=["DQ"])(kernel_fn)
