@@ -110,7 +110,8 @@ def test_delta_precision_on_rows_with_few_keys(device, fused_calls):
     """Issue 13's case: fp16, causal top-left, L = 3, S = 799, head dim 59, all-positive inputs: rows see 1-3
     keys, where delta = rowsum(dO * O) from the fp16 output dominates the dq/dk error. The fused backward takes
     delta = rowsum(P * dP) in fp32 on chip there (every key of the block is in one key block): within the
-    tolerance rule, and with a smaller dq/dk error than the separate passes on the same inputs."""
+    tolerance rule, and with a smaller mean (and no larger max) dq/dk error than the separate passes on the same
+    inputs."""
     B, H, L, S, E = 1, 2, 3, 799, 59
     q, k, v, g = _inputs(B, H, H, L, S, E, E, torch.float16, seed=1, device=device, positive=True)
     grad_out = torch.randn(B, H, L, E, generator=g).to(device)
@@ -125,9 +126,12 @@ def test_delta_precision_on_rows_with_few_keys(device, fused_calls):
     grad_lse = torch.randn(lse.shape, generator=gen)
     ref_grads = torch.autograd.grad([out, lse], ref, [grad_out.double(), grad_lse.double()])
     for i, name in ((0, "dq"), (1, "dk")):
-        err_fused = (fused[i].double() - ref_grads[i]).abs().max().item()
-        err_separate = (separate[i].double() - ref_grads[i]).abs().max().item()
-        assert err_fused < err_separate, f"{name}: fused {err_fused:.3g} vs separate {err_separate:.3g}"
+        err_fused = (fused[i].double() - ref_grads[i]).abs()
+        err_separate = (separate[i].double() - ref_grads[i]).abs()
+        # The max may sit on an element delta does not change; the mean error covers every row.
+        assert err_fused.max() <= err_separate.max() and err_fused.mean() < err_separate.mean(), (
+            f"{name}: fused max {err_fused.max():.3g} mean {err_fused.mean():.3g}, separate max "
+            f"{err_separate.max():.3g} mean {err_separate.mean():.3g}")
 
 
 def _backward(inputs, deterministic, dropout_p=0.0):

@@ -57,7 +57,7 @@ class CompileReport:
     hgmma: int = 0
     hmma: int = 0
     expect_mma: bool = False
-    atomics: int = 0  # global atomic reductions in the SASS (RED, ATOM/ATOMG): the fused backward's dQ adds
+    atomics: int = 0  # global atomic reductions in the SASS (RED/REDG, ATOM/ATOMG): the fused backward's dQ adds
 
     @property
     def spills(self) -> bool:
@@ -125,6 +125,6 @@ def compile_spec(spec: CompileSpec, arch: int) -> CompileReport:
     report.spill_instructions = len(re.findall(r"\b(?:LDL|STL)\b", sass))
     report.hgmma = len(re.findall(r"\bHGMMA\b", sass))
     report.hmma = len(re.findall(r"\bHMMA\b", sass))
-    report.atomics = len(re.findall(r"\b(?:RED|ATOM|ATOMG)\.", sass))
+    report.atomics = len(re.findall(r"\b(?:RED|REDG|ATOM|ATOMG)\.", sass))
     report.ok = True
     return report
