@@ -49,5 +49,5 @@ def time_it(benchmark, provider, prepared, group: str) -> None:
     benchmark.group = group
     # Fixed, small round counts: these run in every plain `pytest` too, so they must stay cheap; Triton's
     # interpreter is slow (it simulates every program instance), so it gets fewer rounds.
-    rounds = 2 if (provider.name == "llmk-triton" and INTERPRETING) else 5
+    rounds = 2 if (provider.name.startswith("llmk-triton") and INTERPRETING) else 5
     benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1)

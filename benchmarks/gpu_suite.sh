@@ -90,6 +90,9 @@ else
 fi
 
 if [ $HAS_GPU -eq 1 ]; then
+    # The newest paths first (the fused backward and its deterministic flag, issue 13), so a short budget still
+    # covers them; the full run below repeats them.
+    step tests-new 60 $PY -m pytest tests/test_backward_fused.py -q -p no:cacheprovider
     # test_static_compile.py compiles every Triton config on the CPU: no GPU involved, and CI runs it already.
     T_TESTS=$(( $(left) - T_SWEEP - 5 ))
     [ $T_TESTS -lt 30 ] && T_TESTS=30

@@ -7,6 +7,8 @@ providers need not know about modes.
 
 Attention:
   llmk-triton, llmk-cuda   llmkernels.scaled_dot_product_attention(..., backend="triton" / "cuda")
+  llmk-triton-det          the same with deterministic=True: the separate-pass backward (llmk-triton's default
+                           backward is the fused one with atomic dQ adds)
   sdpa-flash, sdpa-efficient, sdpa-cudnn, sdpa-math
                            torch.nn.functional.scaled_dot_product_attention with that backend forced through
                            torch.nn.attention.sdpa_kernel; a sliding window or ALiBi as the materialised
@@ -98,7 +100,9 @@ def fresh_compile(fn):
 # attention
 
 
-def _llmk_attention(backend: str):
+def _llmk_attention(backend: str, deterministic=None):
+    """``deterministic`` as in llmkernels.scaled_dot_product_attention: None (the default, the fused atomic
+    backward unless torch's deterministic mode is on), True (the separate-pass backward)."""
     def prepare(inp):
         import llmkernels
         from llmkernels import contract
@@ -112,7 +116,7 @@ def _llmk_attention(backend: str):
             raise Unavailable("; ".join(reasons))
         return Prepared(lambda: llmkernels.scaled_dot_product_attention(
             inp.q, inp.k, inp.v, attn_mask=inp.mask, is_causal=w.causal, enable_gqa=inp.enable_gqa,
-            backend=backend, **variant))
+            backend=backend, deterministic=deterministic, **variant))
     return prepare
 
 
@@ -248,6 +252,7 @@ _FLEX_CPU_SKIP = ("torch.compile of flex_attention takes ~10 s per shape on a CP
 
 PROVIDERS = [
     Provider("llmk-triton", "attention", _llmk_attention("triton")),
+    Provider("llmk-triton-det", "attention", _llmk_attention("triton", deterministic=True)),
     Provider("llmk-cuda", "attention", _llmk_attention("cuda")),
     Provider("sdpa-flash", "attention", _sdpa("FLASH_ATTENTION", cuda_only=False)),  # PyTorch has a CPU flash
     Provider("sdpa-efficient", "attention", _sdpa("EFFICIENT_ATTENTION", cuda_only=True)),

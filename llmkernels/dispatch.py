@@ -104,7 +104,10 @@ class _KernelCalls:
                                                                      rng_state, rule, **fp32_outputs)
 
     def attention_backward(self, grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state,
-                           mask_needs_grad, rule):
+                           mask_needs_grad, rule, deterministic=None):
+        # ``deterministic`` (ops.scaled_dot_product_attention) chooses between backwards only in TritonBackend
+        # (which overrides this). The reference backward is deterministic; the CUDA one adds dQ with fp32 atomics
+        # and has no deterministic variant (README: Deterministic and fused backward).
         return self._module(self.ATTENTION_MODULE).attention_backward(grad_out, q, k, v, out, lse, grad_lse, mask,
                                                                       dropout_p, is_causal, scale, rng_state,
                                                                       mask_needs_grad, rule)
@@ -162,6 +165,13 @@ class TritonBackend(_KernelCalls):
 
     def softmax_reasons(self, a: SoftmaxArgs) -> list:
         return self._device_reasons(a.x, self._float_dtypes(a.x, a.mask))
+
+    def attention_backward(self, grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state,
+                           mask_needs_grad, rule, deterministic=None):
+        # Passed positionally, so a test's stand-in taking (*args) still receives it.
+        return self._module(self.ATTENTION_MODULE).attention_backward(grad_out, q, k, v, out, lse, grad_lse, mask,
+                                                                      dropout_p, is_causal, scale, rng_state,
+                                                                      mask_needs_grad, rule, deterministic)
 
 
 class CudaBackend(_KernelCalls):

@@ -33,9 +33,10 @@ def _rule(window_left: int, window_right: int, bottom_right: bool, softcap: floa
 def sdpa_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool,
                  scale: float, rng_state: Optional[Tensor], window_left: int, window_right: int, bottom_right: bool,
                  softcap: float, alibi_slopes: Optional[Tensor], sinks: Optional[Tensor],
-                 backend: str) -> tuple[Tensor, Tensor]:
+                 backend: str, deterministic: Optional[bool] = None) -> tuple[Tensor, Tensor]:
     """The score rule's fields (contract.ScoreRule) travel as plain arguments so that the schema, fake tensors and
-    torch.compile see them; the backend receives them again as one ScoreRule."""
+    torch.compile see them; the backend receives them again as one ScoreRule. ``deterministic`` does nothing
+    here: the forward keeps it (autograd's context) for the backward, see scaled_dot_product_attention."""
     rule = _rule(window_left, window_right, bottom_right, softcap, alibi_slopes, sinks)
     return dispatch.get_backend(backend).attention_forward(q, k, v, attn_mask, dropout_p, is_causal, scale,
                                                            rng_state, rule)
@@ -43,7 +44,7 @@ def sdpa_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], d
 
 @sdpa_forward.register_fake
 def _(q, k, v, attn_mask, dropout_p, is_causal, scale, rng_state, window_left, window_right, bottom_right, softcap,
-      alibi_slopes, sinks, backend):
+      alibi_slopes, sinks, backend, deterministic=None):
     B, Hq, L, _ = q.shape
     out = q.new_empty(B, Hq, L, v.shape[-1])
     lse = q.new_empty(B, Hq, L, dtype=torch.float32)
@@ -55,13 +56,13 @@ def sdpa_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
                   grad_lse: Optional[Tensor], attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool,
                   scale: float, rng_state: Optional[Tensor], window_left: int, window_right: int, bottom_right: bool,
                   softcap: float, alibi_slopes: Optional[Tensor], sinks: Optional[Tensor], mask_needs_grad: bool,
-                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  backend: str, deterministic: Optional[bool] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dmask is the gradient of the (expanded) float mask when mask_needs_grad, else an empty tensor. The sinks'
     gradient is not computed here (see _sinks_grad): the backends need sinks only through the forward's lse."""
     rule = _rule(window_left, window_right, bottom_right, softcap, alibi_slopes, sinks)
     dq, dk, dv, dmask = dispatch.get_backend(backend).attention_backward(
         grad_out, q, k, v, out, lse, grad_lse, attn_mask, dropout_p, is_causal, scale, rng_state, mask_needs_grad,
-        rule)
+        rule, deterministic)
     if mask_needs_grad:
         dmask = dmask.to(attn_mask.dtype)
     else:
@@ -71,7 +72,7 @@ def sdpa_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
 
 @sdpa_backward.register_fake
 def _(grad_out, q, k, v, out, lse, grad_lse, attn_mask, dropout_p, is_causal, scale, rng_state, window_left,
-      window_right, bottom_right, softcap, alibi_slopes, sinks, mask_needs_grad, backend):
+      window_right, bottom_right, softcap, alibi_slopes, sinks, mask_needs_grad, backend, deterministic=None):
     dmask = attn_mask.new_empty(attn_mask.shape) if mask_needs_grad else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 
@@ -97,10 +98,11 @@ def _sinks_grad(sinks: Tensor, out: Tensor, lse: Tensor, grad_out: Optional[Tens
 
 def _sdpa_setup_context(ctx, inputs, output):
     (q, k, v, attn_mask, dropout_p, is_causal, scale, rng_state, window_left, window_right, bottom_right, softcap,
-     alibi_slopes, sinks, backend) = inputs
+     alibi_slopes, sinks, backend, *rest) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, attn_mask, rng_state, alibi_slopes, sinks)
     ctx.args = (dropout_p, is_causal, scale, window_left, window_right, bottom_right, softcap, backend)
+    ctx.deterministic = rest[0] if rest else None
 
 
 def _sdpa_backward_rule(ctx, grad_out, grad_lse):
@@ -109,12 +111,14 @@ def _sdpa_backward_rule(ctx, grad_out, grad_lse):
     mask_needs_grad = attn_mask is not None and ctx.needs_input_grad[3]
     dq, dk, dv, dmask = sdpa_backward(grad_out, q, k, v, out, lse, grad_lse, attn_mask, dropout_p, is_causal, scale,
                                       rng_state, window_left, window_right, bottom_right, softcap, alibi_slopes,
-                                      sinks, mask_needs_grad, backend)
+                                      sinks, mask_needs_grad, backend, ctx.deterministic)
     dsinks = None
     if sinks is not None and ctx.needs_input_grad[13]:
         dsinks = _sinks_grad(sinks, out, lse, grad_out, grad_lse)
-    return (dq, dk, dv, (dmask if mask_needs_grad else None), None, None, None, None, None, None, None, None, None,
-            dsinks, None)
+    grads = (dq, dk, dv, (dmask if mask_needs_grad else None), None, None, None, None, None, None, None, None, None,
+             dsinks, None)
+    # One gradient per forward input: the op's inputs include ``deterministic`` (filled with its default).
+    return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))
 
 
 sdpa_forward.register_autograd(_sdpa_backward_rule, setup_context=_sdpa_setup_context)
@@ -136,7 +140,7 @@ def _tie_zero_grad(out: Tensor, t: Optional[Tensor]) -> Tensor:
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False, *, return_lse=False, window_size=(-1, -1), causal_alignment=None,
-                                 softcap=0.0, alibi_slopes=None, sinks=None, backend=None):
+                                 softcap=0.0, alibi_slopes=None, sinks=None, backend=None, deterministic=None):
     """Fused attention, a drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
 
     Shapes: query ``(..., Hq, L, E)``, key ``(..., Hk, S, E)``, value ``(..., Hv, S, Ev)``; the output is
@@ -166,6 +170,18 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         ``(..., H, L)``, so partial attentions over key blocks can be merged exactly. Differentiable.
     backend: ``"triton"``, ``"cuda"``, ``"reference"`` or ``"auto"`` (the default: the fastest backend that
         supports the inputs). See ``llmkernels.use_backend`` and the ``LLMKERNELS_BACKEND`` variable.
+    deterministic: which backward the Triton backend runs. ``None`` (the default) follows
+        ``torch.are_deterministic_algorithms_enabled()`` when the backward runs on a GPU (in Triton's interpreter
+        it takes the deterministic backward, the one GPU calls take today); ``True`` forces the
+        deterministic separate-pass backward (dK/dV and dQ in their own kernels, every element summed in a fixed
+        order; it recomputes Q K^T and dO V^T for dQ: 7 matrix products per tile pair); ``False`` allows the
+        fused backward (5 products per tile pair), which adds each key block's part of dQ into an fp32
+        workspace of ``B * Hq * L * E`` floats with atomic adds, so dQ's fp32 summation order, and with it
+        dQ's last bits, change from run to run (dK, dV do not). Calls the fused kernel does not cover (a float
+        mask that needs its gradient; on a GPU, head dims, dtypes and variants without a spill-free fused
+        config: every GPU call today) take the deterministic backward whatever the flag. The reference backend
+        is deterministic; the CUDA backend ignores the flag and adds dQ with fp32 atomics (not bitwise
+        repeatable).
 
     Attention variants (keyword-only, all off by default). They apply to the score of query ``i`` and key ``j``
     in this order: ``s = scale * q_i . k_j``; the softcap; ALiBi; the float mask is added; the bool mask,
@@ -217,12 +233,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     device fixed, call ``torch.manual_seed(...)`` before each run when ``dropout_p > 0`` (the dropout seed is
     drawn from PyTorch's generator), and set ``torch.use_deterministic_algorithms(True)`` (which also makes the
     surrounding PyTorch ops deterministic). The Triton backward sums every output element in one program in a
-    fixed order, with no atomics, so it is deterministic with or without the flag (``tests/test_determinism.py``
-    checks it). The GPU autotuner chooses tile sizes once per process and input bucket; results are identical
+    fixed order, with no atomics, when ``deterministic`` is True or (the default None) the flag is set
+    (``tests/test_determinism.py`` checks it). The GPU autotuner chooses tile sizes once per process and input bucket; results are identical
     within a process, and across processes when the same config is chosen.
     """
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    if deterministic is not None and not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be None or a bool, got {type(deterministic).__name__}")
     a = contract.check_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                  window_size=window_size, causal_alignment=causal_alignment, softcap=softcap,
                                  alibi_slopes=alibi_slopes, sinks=sinks)
@@ -254,7 +272,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         rng_state = _new_rng_state(a.q.device) if p > 0.0 else None
         out, lse = sdpa_forward(a.q, a.k, a.v, a.mask, p, a.is_causal, a.scale, rng_state, rule.window_left,
                                 rule.window_right, rule.bottom_right, rule.softcap, rule.alibi_slopes, rule.sinks,
-                                name)
+                                name, deterministic)
         if drop_all:
             out = out * 0
     out = out.reshape(a.out_shape)

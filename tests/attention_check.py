@@ -32,7 +32,7 @@ def _grads(out, lse, inputs, grad_out, grad_lse):
 
 def check_attention(backend, keep_mask, q, k, v, mask=None, *, is_causal=False, scale=None, enable_gqa=False,
                     dropout_p=0.0, grad_out=None, mask_grad=True, lse_grad=True, seed=0, sinks=None, hidden_keys=None,
-                    **variant):
+                    deterministic=None, **variant):
     """Run ours (``backend``) and the references on the same leaves; assert the tolerance rule on everything.
 
     q, k, v in the test dtype; ``mask`` a broadcastable bool/float mask (a float mask gets a gradient when
@@ -46,6 +46,7 @@ def check_attention(backend, keep_mask, q, k, v, mask=None, *, is_causal=False, 
     a leaf whose gradient is checked too) go to both sides; the float64 reference takes float64 slopes.
     ``hidden_keys``: a slice of key positions set to NaN in the K and V our op gets (keys the rule hides from every
     query, which the kernels must skip; the references get the clean values, which do not change the result).
+    ``deterministic`` goes to our op only (which backward the Triton backend runs).
     """
     dtype, device = q.dtype, q.device
     gen = torch.Generator().manual_seed(seed + 1)
@@ -70,7 +71,8 @@ def check_attention(backend, keep_mask, q, k, v, mask=None, *, is_causal=False, 
     try:
         out, lse = llmkernels.scaled_dot_product_attention(*ours_in[:4], dropout_p=dropout_p, is_causal=is_causal,
                                                            scale=scale, enable_gqa=enable_gqa, return_lse=True,
-                                                           backend=backend, sinks=ours_in[4], **variant)
+                                                           backend=backend, sinks=ours_in[4],
+                                                           deterministic=deterministic, **variant)
     finally:
         ops._new_rng_state = original
     dropout_mask = None

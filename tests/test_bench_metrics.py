@@ -125,8 +125,8 @@ def test_inputs_match_the_workload_and_masks_keep_every_row():
 
 
 def test_every_required_provider_is_registered():
-    assert set(provider_names("attention")) == {"llmk-triton", "llmk-cuda", "sdpa-flash", "sdpa-efficient",
-                                                 "sdpa-cudnn", "sdpa-math", "flex", "reference"}
+    assert set(provider_names("attention")) == {"llmk-triton", "llmk-triton-det", "llmk-cuda", "sdpa-flash",
+                                                 "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "flex", "reference"}
     assert set(provider_names("softmax")) == {"llmk-triton", "llmk-cuda", "eager", "compiled"}
     assert len({(p.name, p.op) for p in PROVIDERS}) == len(PROVIDERS)
 

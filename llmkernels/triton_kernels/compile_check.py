@@ -30,6 +30,7 @@ SASS_COLUMNS = {
     "LDG.128": r"\bLDG\.E(?:\.[A-Z0-9_]+)*\.128\b",  # 16-byte vector global loads
     "STG.128": r"\bSTG\.E(?:\.[A-Z0-9_]+)*\.128\b",  # 16-byte vector global stores
     "SETMAXREG": r"\bUSETMAXREG\b",  # register reallocation between warp-specialized partitions
+    "atomics": r"\b(?:RED|REDG|ATOM|ATOMG)\.",  # global atomic reductions: the fused backward's dQ adds
 }
 
 

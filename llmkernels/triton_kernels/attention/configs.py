@@ -284,8 +284,9 @@ def _split_dkdv(block_d: int, dtype) -> bool:
 
 def excluded_configs(arch: int) -> list:
     """(config, reason) for the configs deliberately not offered on sm_<arch> (they spill or do not fit)."""
-    return [(desc, reason) for (a, desc, reason) in _EXCLUDED + _RULE_EXCLUDED + _TMA_EXCLUDED
+    return [(desc, reason) for (a, desc, reason) in _EXCLUDED + _RULE_EXCLUDED + _TMA_EXCLUDED + FUSED_EXCLUDED
             if _arch_family(arch) == a]
+
 
 # The descriptor (TMA) forward of forward_tma.py on sm_90, fp16/bf16: candidates the autotuner tries *beside* the
 # pointer configs above (which that kernel runs too, with TMA=False), for calls whose tensors meet TMA's rules.
@@ -388,3 +389,65 @@ def _tuned_fwd_tma(kernel_fn):
 
     return triton.autotune(configs=every, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})(kernel_fn)
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# The fused backward (backward_fused.py): BLOCK_N keys held (K, V, dK, dV in registers), BLOCK_M queries streamed,
+# dQ added atomically. (arch family, precision, head-dim bucket, variant) -> configs; None or absent: no fused
+# config is offered, and such calls take the separate-pass backward (launch.fused_backward_reasons says so).
+# BLOCK_M = 64 keeps the dQ product (M = the query block) on wgmma on sm_90; its other products have M = BLOCK_N.
+# Empty for now: every candidate below spilled in the static compile check (triton 3.8, heaviest base flags:
+# causal + additive fp32 mask), so no GPU call takes the fused backward until a spill-free tile is found; the
+# kernel runs (and is tested) in the interpreter, and on a GPU `deterministic=False` changes nothing.
+FUSED_CONFIGS = {}
+# Calls with the score rule or dropout: (arch family, precision, bucket, variant, True) -> configs where they
+# differ from FUSED_CONFIGS[(family, precision, bucket, variant)].
+FUSED_RULE_CONFIGS = {}
+FUSED_EXCLUDED = [
+    (90, "attn_bwd_fused fp16/bf16 head dim 64, M64 N128 w8 s2 and M64 N64 w4 s2",
+     "spill 424 and 480 B on sm_90 under triton 3.8 (576 / 640 B with the score rule); 255 registers, HGMMA 24 / 20"),
+    (90, "attn_bwd_fused fp16/bf16 head dim 65-128, M64 N128 w8 s2 and M64 N64 w8 s2",
+     "spill 760 and 368 B on sm_90 under triton 3.8 (968 / 520 B with the score rule); 193.5 / 145.5 KiB smem"),
+    (80, "attn_bwd_fused fp16/bf16 head dim 64, M64 N128 w8 s2 and M64 N64 w4 s2",
+     "spill 112 B each on sm_80 under triton 3.8 (712 / 808 B with the score rule); 16 / 32 RED per program"),
+    (80, "attn_bwd_fused fp16/bf16 head dim 65-128, M64 N64 w8 s2", "spills 88 B on sm_80 under triton 3.8"),
+]
+
+
+def fused_configs_for(arch: int, precision: str, bucket: int, variant: str, rule: bool = False):
+    """The fused backward's configs for a call on sm_<arch>, or None where it takes the separate passes."""
+    family = _arch_family(arch)
+    if rule and (family, precision, bucket, variant, True) in FUSED_RULE_CONFIGS:
+        return FUSED_RULE_CONFIGS[(family, precision, bucket, variant, True)]
+    return FUSED_CONFIGS.get((family, precision, bucket, variant))
+
+
+def _all_fused_configs(arch: int) -> list:
+    seen = []
+    tables = [c for (family, *_), c in FUSED_CONFIGS.items() if family == _arch_family(arch)]
+    tables += [c for (family, *_), c in FUSED_RULE_CONFIGS.items() if family == _arch_family(arch)]
+    for configs in tables:
+        seen.extend(c for c in (configs or []) if _config_key(c) not in {_config_key(x) for x in seen})
+    return seen
+
+
+def _prune_fused(arch: int):
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        wanted = {_config_key(c) for c in fused_configs_for(
+            arch, _precision_class(args["Q"].dtype), _head_bucket(max(args["BLOCK_D"], args["BLOCK_DV"])),
+            "dropout" if args["HAS_DROPOUT"] else "base", _has_rule_flags(args)) or []}
+        return [c for c in configs if _config_key(c) in wanted]
+    return prune
+
+
+def _tuned_fused(kernel_fn):
+    """The fused backward kernel as launched: autotuned on a GPU (the workspace DQ is zeroed before every trial
+    launch, since the kernel accumulates into it), the plain jit function in the interpreter."""
+    kernel_fn = triton.heuristics({"EVEN_M": lambda args: args["L"] % args["BLOCK_M"] == 0})(kernel_fn)
+    arch = _device_arch()
+    if arch == 0 or not _all_fused_configs(arch):
+        # No config on this arch: launch.fused_backward_reasons refuses every GPU call, so this is never launched.
+        return kernel_fn
+    return triton.autotune(configs=_all_fused_configs(arch), key=_TUNE_KEY + ["HAS_GRAD_LSE"],
+                           prune_configs_by={"early_config_prune": _prune_fused(arch)},
+                           reset_to_zero=["DQ"])(kernel_fn)

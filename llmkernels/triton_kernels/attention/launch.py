@@ -11,8 +11,10 @@ import triton
 from ... import _alloc, reference
 from ...contract import ScoreRule
 from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
+from .backward_fused import _attn_bwd_dq_convert_kernel, _attn_bwd_fused_kernel
 from .configs import (INTERPRETER_BLOCK, INTERPRETING, PREPROCESS_BLOCK_M, SEQ_BUCKET_CAP, _configs_for,
-                      _device_arch, _head_bucket, _precision_class, _split_dkdv, _tuned, _tuned_fwd_tma)
+                      _device_arch, _head_bucket, _precision_class, _split_dkdv, _tuned, _tuned_fused,
+                      _tuned_fwd_tma, fused_configs_for)
 from .forward import _attn_fwd_kernel
 from .forward_tma import _attn_fwd_tma_kernel, ensure_allocator, tma_eligible
 from .tiles import _dropout_keep_mask_kernel
@@ -28,6 +30,8 @@ _attn_fwd_tma = _tuned_fwd_tma(_attn_fwd_tma_kernel)
 # here: "pointer" (forward.py, the default), "tma" (forward_tma's descriptors) or "tma_ws" (its warp-specialized
 # loop body). Tests set it to run every path against the reference; on a GPU the autotuner chooses.
 INTERPRETER_FORWARD_LOADS = "pointer"
+_attn_bwd_fused = _tuned_fused(_attn_bwd_fused_kernel)
+DQ_CONVERT_BLOCK = 1024
 
 
 def _launch(kernel, total_rows_fn, *args, **constexprs):
@@ -267,12 +271,45 @@ def _dense_backward(grad_out, q, k, v, lse, grad_lse, mask, dropout_p, is_causal
     return (*outputs, dmask)
 
 
+def fused_backward_reasons(q, k, v, mask, dropout_p, mask_needs_grad, rule=None) -> list:
+    """Why a call cannot take the fused (atomic dQ) backward of backward_fused.py and takes the separate passes
+    instead (an empty list: it can). Both compute the same function; only speed and determinism differ."""
+    reasons = []
+    if mask_needs_grad and mask is not None:
+        # dS would have to be written for every (query, key), including the tiles the rule skips; the dQ pass of
+        # the separate backward owns whole mask rows and writes them.
+        reasons.append("the float mask's gradient is written by the separate-pass dQ kernel")
+    arch = 0 if q.device.type != "cuda" else _device_arch()
+    if arch != 0:
+        rule = ScoreRule() if rule is None else rule
+        bucket = _head_bucket(max(_block(q.shape[-1]), _block(v.shape[-1])))
+        with_rule = (rule.window_left >= 0 or rule.window_right >= 0 or rule.softcap > 0.0
+                     or rule.alibi_slopes is not None)
+        variant = "dropout" if dropout_p > 0.0 else "base"
+        if fused_configs_for(arch, _precision_class(q.dtype), bucket, variant, with_rule) is None:
+            reasons.append(f"no spill-free fused config on sm_{arch} for {q.dtype} head dim bucket {bucket}, "
+                           f"{variant}{' with the score rule' if with_rule else ''} (configs.FUSED_CONFIGS)")
+    return reasons
+
+
+def use_fused_backward(deterministic, q, k, v, mask, dropout_p, mask_needs_grad, rule=None) -> bool:
+    """deterministic: True forces the separate passes, False allows the fused one, None follows
+    torch.are_deterministic_algorithms_enabled() at the time the backward runs (on a GPU)."""
+    if deterministic is None:
+        # Off a GPU (the interpreter) the default stays on the separate passes: that is the backward every GPU
+        # call takes while FUSED_CONFIGS is empty, so the suite's default-path tests test what users run;
+        # deterministic=False asks for the fused kernel there (tests/test_backward_fused.py).
+        deterministic = torch.are_deterministic_algorithms_enabled() or q.device.type != "cuda"
+    return not deterministic and not fused_backward_reasons(q, k, v, mask, dropout_p, mask_needs_grad, rule)
+
+
 def attention_backward(grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state,
-                       mask_needs_grad, rule=None, grad_dtype=None):
+                       mask_needs_grad, rule=None, deterministic=True, grad_dtype=None):
     """FlashAttention-2 backward: (dq, dk, dv, dmask); dmask (B, Hq, L, S) fp32 = dS when mask_needs_grad.
     The sinks' gradient is ops.py's; sinks enter here only through lse (the weights exp(s - lse) are right).
     ``grad_dtype=torch.float32`` writes dq, dk, dv unrounded (for callers that sum partial gradients); ``out``
-    may be fp32 then too (the preprocess reads it in its own dtype)."""
+    may be fp32 then too (the preprocess reads it in its own dtype). ``deterministic`` (see use_fused_backward):
+    the default True keeps this function's old behaviour; the op passes the user's choice."""
     B, Hq, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     rule = ScoreRule() if rule is None else rule
@@ -307,6 +344,10 @@ def attention_backward(grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, i
                   MASK_IS_BOOL=mask_is_bool, HAS_DROPOUT=rng is not None, DOT_PRECISION=_dot_precision(q.dtype),
                   BLOCK_D=_block(E), BLOCK_DV=_block(Ev))
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *mask_strides)
+    if use_fused_backward(deterministic, q, k, v, mask, dropout_p, mask_needs_grad, rule):
+        _fused_backward(q, k, v, grad_out, mask_t, rng_t, alibi_t, score_lse, delta, gl, dq, dk, dv, strides,
+                        float(scale), float(dropout_p), common)
+        return dq, dk, dv, dmask
     split = _split_dkdv(max(_block(E), _block(Ev)), q.dtype)
     for do_dk, do_dv in (((False, True), (True, False)) if split else ((True, True),)):
         _launch(_attn_bwd_dkdv, lambda meta: triton.cdiv(S, meta["BLOCK_N"]) * B * Hkv,
@@ -318,6 +359,25 @@ def attention_backward(grad_out, q, k, v, out, lse, grad_lse, mask, dropout_p, i
             Hq, L, S, Hq // Hkv, float(scale), float(dropout_p), _seq_bucket(L), _seq_bucket(S),
             WRITE_DMASK=write_dmask, **common)
     return dq, dk, dv, dmask
+
+
+def _fused_backward(q, k, v, grad_out, mask_t, rng_t, alibi_t, score_lse, delta, grad_lse, dq, dk, dv, strides,
+                    scale, dropout_p, common):
+    """The fused backward (backward_fused.py) into dq, dk, dv: one launch over key blocks that adds dQ into an
+    fp32 workspace of B*Hq*L*E floats with atomic adds, then one elementwise launch that writes dq = scale *
+    workspace in q's dtype."""
+    B, Hq, L, E = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    workspace = torch.zeros((B, Hq, L, E), dtype=torch.float32, device=q.device)
+    gl_t = grad_lse if grad_lse is not None else delta
+    gl_strides = grad_lse.stride() if grad_lse is not None else (0, 0, 0)
+    _launch(_attn_bwd_fused, lambda meta: triton.cdiv(S, meta["BLOCK_N"]) * B * Hkv,
+            q, k, v, grad_out, mask_t, rng_t, alibi_t, score_lse, delta, gl_t, dk, dv, workspace, *strides,
+            *gl_strides, Hq, Hkv, L, S, Hq // Hkv, scale, dropout_p, _seq_bucket(L), _seq_bucket(S),
+            HAS_GRAD_LSE=grad_lse is not None, **common)
+    n = workspace.numel()
+    _attn_bwd_dq_convert_kernel[(triton.cdiv(n, DQ_CONVERT_BLOCK),)](workspace, dq, scale, n,
+                                                                      BLOCK=DQ_CONVERT_BLOCK)
 
 
 def dropout_keep_mask(rng_state, B: int, Hq: int, L: int, S: int, dropout_p: float, device) -> torch.Tensor:

@@ -11,8 +11,9 @@ import triton
 
 from ..compile_check import CompileSpec
 from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
-from .configs import (PREPROCESS_BLOCK_M, _TMA_FWD_SM90, _configs_for, _precision_class, _split_dkdv,
-                      _tma_configs_for)
+from .backward_fused import _attn_bwd_dq_convert_kernel, _attn_bwd_fused_kernel
+from .configs import (FUSED_CONFIGS, FUSED_RULE_CONFIGS, PREPROCESS_BLOCK_M, _TMA_FWD_SM90, _configs_for,
+                      _precision_class, _split_dkdv, _tma_configs_for)
 from .forward import _attn_fwd_kernel
 from .forward_tma import _attn_fwd_tma_kernel
 
@@ -131,6 +132,37 @@ def compile_specs(arch: int) -> list:
                         BLOCK_M=PREPROCESS_BLOCK_M)
             specs.append(_spec(f"attn_bwd_preprocess {_TRITON_DTYPE[dtype]} d256{tag}", _attn_bwd_preprocess_kernel,
                                args, triton.Config({}, num_warps=4, num_stages=1), expect_mma=False))
+    return specs + _fused_specs(arch)
+
+
+def _fused_specs(arch: int) -> list:
+    """The fused backward's configs (configs.FUSED_CONFIGS, FUSED_RULE_CONFIGS) on sm_<arch>, each with the
+    heaviest flags of its variant, without and with the score rule (a rule entry replaces the plain list for rule
+    calls), plus the workspace conversion kernel. The report counts their atomic reductions (RED/ATOM)."""
+    family = 90 if arch >= 90 else 80
+    specs = []
+    for (fam, precision, bucket, variant), plain in FUSED_CONFIGS.items():
+        if fam != family:
+            continue
+        for rule in (False, True):
+            configs = FUSED_RULE_CONFIGS.get((fam, precision, bucket, variant, True), plain) if rule else plain
+            dtypes = (torch.float16, torch.bfloat16) if precision == "half" else (torch.float32,)
+            for dtype in dtypes:
+                for cfg in configs or []:
+                    flags = dict(_FLAG_SETS[variant], **(_RULE_FLAGS if rule else _NO_RULE), HAS_GRAD_LSE=True)
+                    args = _common_args(dtype, bucket, flags)
+                    args.update(GradLse="*fp32", DQ="*fp32", stride_glb=_SPEC_H * _SPEC_L, stride_glh=_SPEC_L,
+                                stride_glm=1, BLOCK_M=cfg.kwargs["BLOCK_M"], BLOCK_N=cfg.kwargs["BLOCK_N"])
+                    name = (f"attn_bwd_fused {_TRITON_DTYPE[dtype]} d{bucket} {variant}{' rule' if rule else ''} "
+                            f"M{cfg.kwargs['BLOCK_M']} N{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}")
+                    spec = _spec(name, _attn_bwd_fused_kernel, args, cfg, expect_mma=dtype != torch.float32)
+                    spec.expect_sass = ("atomics",)  # its dQ goes out by atomic adds: the report flags their absence
+                    specs.append(spec)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        args = {"DQ": "*fp32", "dQ": "*" + _TRITON_DTYPE[dtype], "scale": 0.1, "n": _SPEC_H * _SPEC_L * 128,
+                "BLOCK": 1024}
+        specs.append(_spec(f"attn_bwd_fused_dq_convert {_TRITON_DTYPE[dtype]}", _attn_bwd_dq_convert_kernel, args,
+                           triton.Config({}, num_warps=4, num_stages=1), expect_mma=False))
     return specs
 
 
