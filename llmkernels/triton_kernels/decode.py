@@ -256,15 +256,17 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def kvcache_attention_forward(q, k_cache, v_cache, seqlens_k, block_table, is_causal, scale, rule, num_splits):
+def kvcache_attention_forward(q, k_cache, v_cache, seqlens_k, block_table, is_causal, scale, rule, num_splits,
+                              out=None):
     """(out (B, Lq, Hq, Ev) in q.dtype, lse (B, Hq, Lq) float32) by the split kernel and, for num_splits > 1, the
-    merge kernel."""
+    merge kernel. ``out``: where to write the output (any strides; the dense op passes a transposed view)."""
     B, Lq, Hq, E = q.shape
     Hkv, Ev = k_cache.shape[2], v_cache.shape[3]
     group = Hq // Hkv
     paged = block_table is not None
     capacity = k_cache.shape[1] * (block_table.shape[1] if paged else 1)
-    out = _alloc.new_output((B, Lq, Hq, Ev), q.dtype, q.device)
+    if out is None:
+        out = _alloc.new_output((B, Lq, Hq, Ev), q.dtype, q.device)
     lse = _alloc.new_output((B, Hq, Lq), torch.float32, q.device)
     splits = max(1, int(num_splits))
     if splits > 1:
@@ -310,3 +312,41 @@ def kvcache_append(k_cache, v_cache, k, v, cache_seqlens, block_table) -> None:
         *(block_table.stride() if paged else (0, 0)), Lq, Hkv, capacity, k_cache.shape[0], k_cache.shape[1],
         block_table.shape[1] if paged else 1, HEAD_DIM=E, HEAD_DIM_V=Ev, PAGED=paged,
         BLOCK_H=triton.next_power_of_2(Hkv), BLOCK_D=triton.next_power_of_2(E), BLOCK_DV=triton.next_power_of_2(Ev))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The dense op's decode path: scaled_dot_product_attention with few queries against many keys (transformers'
+# generate() with a dynamic cache: L = 1 against the whole cache) runs its forward here; the backward, which needs
+# only out and lse, stays on the regular kernels (attention/launch.py calls this from attention_forward).
+
+DENSE_DECODE_MAX_QUERIES = 16  # L at most this
+DENSE_DECODE_MIN_KEYS = 128  # S at least this
+
+
+def takes_dense_decode(q, k, mask, dropout_p: float, is_causal: bool, rule) -> bool:
+    """Whether the dense op's forward on canonical inputs q (B, Hq, L, E), k (B, Hkv, S, E) can take the decode
+    kernel with the same meaning: no mask, dropout or sinks (the kernel has none), and a diagonal at S - L
+    wherever one is used (the kernel aligns bottom-right; a top-left causal/window/ALiBi call with L != S keeps
+    the regular path)."""
+    L, S = q.shape[2], k.shape[2]
+    if mask is not None or dropout_p > 0.0 or rule.sinks is not None:
+        return False
+    if not (L <= DENSE_DECODE_MAX_QUERIES and S >= max(DENSE_DECODE_MIN_KEYS, 2 * L)):
+        return False
+    uses_diagonal = is_causal or rule.window_left >= 0 or rule.window_right >= 0 or rule.alibi_slopes is not None
+    return rule.bottom_right or not uses_diagonal or L == S
+
+
+def dense_decode_forward(q, k, v, is_causal: bool, scale: float, rule):
+    """(out (B, Hq, L, Ev), lse (B, Hq, L)) of the dense op through the split-K kernels: the canonical (B, H, S, D)
+    tensors are read as (B, S, H, D) views of a contiguous cache whose every sequence holds S keys."""
+    from ..kvcache import choose_num_splits, sm_count
+
+    B, Hq, L, _ = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    out = _alloc.new_output((B, Hq, L, v.shape[3]), q.dtype, q.device)
+    seqlens = torch.full((B,), S, dtype=torch.int32, device=q.device)
+    splits = choose_num_splits(B, Hkv, (Hq // Hkv) * L, S, sm_count(q.device))
+    _, lse = kvcache_attention_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), seqlens, None,
+                                       is_causal, scale, rule, splits, out=out.transpose(1, 2))
+    return out, lse

@@ -89,6 +89,10 @@ def attention_forward(q, k, v, mask, dropout_p: float, is_causal: bool, scale: f
     """FlashAttention forward on the canonical form: returns out (B, Hq, L, Ev) in q.dtype and lse (B, Hq, L)
     fp32 (natural log of the whole denominator, sink included; -inf on rows that see no key, whose output is 0,
     or the sink logit with sinks)."""
+    from .. import decode  # few queries, many keys: the split-K decode kernels (decode.py says when)
+
+    if decode.takes_dense_decode(q, k, mask, dropout_p, is_causal, ScoreRule() if rule is None else rule):
+        return decode.dense_decode_forward(q, k, v, is_causal, scale, ScoreRule() if rule is None else rule)
     B, Hq, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     out = _alloc.new_output((B, Hq, L, Ev), q.dtype, q.device)
