@@ -186,7 +186,7 @@ def main(args) -> int:
             except Exception as exc:  # reported per row; the sweep goes on
                 row["status"] = f"error: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
             rows.append(row)
-            text = (f"{row["ms"]:.4g} ms, {row["gbps"]:.3g} GB/s of K/V ({100 * row['fraction_of_copy']:.0f}% of "
+            text = (f"{row['ms']:.4g} ms, {row['gbps']:.3g} GB/s of K/V ({100 * row['fraction_of_copy']:.0f}% of "
                     f"copy){', check ' + row['check'] if 'check' in row else ''}" if row["status"] == "ok"
                     else row["status"])
             print(f"{w.label} | {name}: {text}", flush=True)
