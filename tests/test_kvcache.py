@@ -101,7 +101,7 @@ CASES = {
     "paged32_mqa_append_causal_Lq4_fp32": ("fp32", 3, 4, 4, 1, 16, 16, [0, 31, 45], 64, 32, True,
                                            dict(is_causal=True)),
     # GQA 8 with window, softcap and ALiBi (bottom-right distances), paged 48, with append
-    "paged48_gqa8_window_softcap_alibi_append_fp16": ("fp16", 2, 2, 8, 1, 16, 16, [40, 95], 144, 48, True,
+    "paged48_gqa8_window_softcap_alibi_append_fp16": ("fp16", 2, 2, 16, 2, 16, 16, [40, 95], 144, 48, True,
                                                       dict(is_causal=True, window_size=(30, 0), softcap=4.0,
                                                            alibi=True)),
     # GQA 1, Lq 8 (speculative decoding) causal without new keys: sequence 0 has 5 keys, so rows 0..2 see none
