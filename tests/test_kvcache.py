@@ -127,10 +127,10 @@ def test_matches_float64_reference(name):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_num_splits_agree():
     """1, 2, 3 and the heuristic (0) each pass the rule on a paged GQA cache where some splits see no key
-    (sequence 0 is short); the heuristic picks 2 here (4 programs, 4 interpreter 'SMs', 544 keys)."""
-    args = ("fp16", 2, 2, 4, 2, 16, 16, [3, 530], 544, 16, False)
+    (sequence 0 is short); the heuristic picks 2 here (2 programs, 4 interpreter 'SMs', 544 keys)."""
+    args = ("fp16", 2, 2, 4, 1, 16, 16, [3, 530], 544, 16, False)
     outs = {n: run_case(*args, seed=7, num_splits=n, is_causal=True)[0] for n in (1, 2, 3, 0)}
-    assert kvcache.choose_num_splits(2, 2, 4, 544, kvcache.INTERPRETER_SM_COUNT) == 2
+    assert kvcache.choose_num_splits(2, 1, 8, 544, kvcache.INTERPRETER_SM_COUNT) == 2
     assert torch.equal(outs[0], outs[2])
     assert not torch.equal(outs[1], outs[2])  # the split path really ran (it rounds differently)
 
