@@ -250,7 +250,8 @@ def decode_config(head_dim_block: int, dtype: torch.dtype) -> dict:
     if INTERPRETING:
         return dict(BLOCK_N=16, num_warps=4, num_stages=1)
     if dtype == torch.float32:
-        return dict(BLOCK_N=32 if head_dim_block <= 128 else 16, num_warps=4, num_stages=2)
+        # 32-key blocks spilled 8 B with Lq > 1 (paged: head dim 64 on sm_80, 128 on sm_90, triton 3.8)
+        return dict(BLOCK_N=16, num_warps=4, num_stages=2)
     if head_dim_block <= 128:
         return dict(BLOCK_N=64, num_warps=4, num_stages=3)
     return dict(BLOCK_N=32, num_warps=4, num_stages=2)
@@ -389,7 +390,8 @@ def _split_spec(dtype, head_dim: int, paged: bool, rows: int):
         for suffix, value in zip(("b", "t", "h", "d") if prefix in ("q", "o") else ("p", "n", "h", "d"), strides):
             args[f"stride_{prefix}{suffix}"] = value
     launch = triton.Config({}, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    name = (f"decode_split {_SPEC_DTYPES[dtype]} d{D} {'paged' if paged else 'contiguous'} M{args['BLOCK_M']} "
+    name = (f"decode_split {_SPEC_DTYPES[dtype]} d{D} {'paged' if paged else 'contiguous'} Lq{args['Lq']} "
+            f"M{args['BLOCK_M']} "
             f"N{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}")
     # Not held to HGMMA on sm_90: a decode tile has 16-64 rows and the kernel is bound by its K/V reads; the
     # report shows which matrix instructions each config got.
@@ -397,9 +399,8 @@ def _split_spec(dtype, head_dim: int, paged: bool, rows: int):
 
 
 def compile_specs(arch: int) -> list:
-    """The split kernel for each dtype, head-dim bucket (64, 128, 256), cache layout and tile (the 16-row tile of
-    Lq = 1 with a 4-head group, and the largest tile block_m gives, for Lq = 16), the merge kernel and the append
-    kernel. fp16 stands for itself and bf16 (the same configs; a full report under triton 3.8 showed them with the
+    """The split kernel for each dtype, head-dim bucket (64, 128, 256), cache layout and Lq 1 / 16 with a 4-head
+    group (the 16-row tile and the largest tile block_m gives), the merge kernel and the append kernel. fp16 stands for itself and bf16 (the same configs; a full report under triton 3.8 showed them with the
     same registers, shared memory and spills in every config), which keeps the suite's compile time down."""
     from .attention.specs import _spec
 
@@ -407,8 +408,7 @@ def compile_specs(arch: int) -> list:
     for dtype in (torch.float16, torch.float32):
         for D in (64, 128, 256):
             for paged in (False, True):
-                tiles = {block_m(_SPEC_GROUP, lq, D, dtype): lq for lq in (1, 16)}
-                for lq in tiles.values():
+                for lq in (1, 16):  # Lq = 1 is a JIT constant (row index = head), 16 a runtime value
                     specs.append(_split_spec(dtype, D, paged, _SPEC_GROUP * lq))
     dt = "*fp16"
     for D in (64, 128, 256):
