@@ -335,3 +335,29 @@ def test_bad_input_errors(name, monkeypatch):
     with pytest.raises(error, match=match):
         llmkernels.attention_with_kvcache(kw.pop("query"), kw.pop("k_cache"), kw.pop("v_cache"),
                                           kw.pop("cache_seqlens"), backend="triton", **kw)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_dense_op_decode_path_variants_bf16_strided():
+    """The decode path of the dense op with bf16, padded head dims (40, Ev 24), MQA, the (B, L, H, E) layout as
+    transposed views, bottom-right causal window, softcap and ALiBi: forward and backward pass the rule."""
+    from attention_check import check_attention
+
+    calls = []
+    original = decode.dense_decode_forward
+
+    def spy(*args):
+        calls.append(True)
+        return original(*args)
+
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 3, 6, 40, generator=g).bfloat16().transpose(1, 2)
+    k = torch.randn(1, 130, 1, 40, generator=g).bfloat16().transpose(1, 2)
+    v = torch.randn(1, 130, 1, 24, generator=g).bfloat16().transpose(1, 2)
+    decode.dense_decode_forward = spy
+    try:
+        check_attention("triton", None, q, k, v, enable_gqa=True, is_causal=True, causal_alignment="bottom_right",
+                        alibi_slopes=torch.rand(6, generator=g) * 0.3, window_size=(70, 0), softcap=5.0)
+    finally:
+        decode.dense_decode_forward = original
+    assert calls
