@@ -13,10 +13,11 @@ PyTorch backend).
 from . import reference
 from .dispatch import NotSupportedError, use_backend
 from .ops import masked_softmax, scaled_dot_product_attention
+from .kvcache import attention_with_kvcache
 
 __version__ = "0.1.0"
 
-__all__ = ["scaled_dot_product_attention", "masked_softmax", "use_backend", "NotSupportedError", "reference",
+__all__ = ["scaled_dot_product_attention", "masked_softmax", "attention_with_kvcache", "use_backend", "NotSupportedError", "reference",
            "__version__"]
 
 # Drop-in integration: the seed's SelfAttention module on the fused op, and routing of

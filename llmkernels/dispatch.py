@@ -118,6 +118,14 @@ class _KernelCalls:
     def softmax_backward(self, *args):
         return self._module(self.SOFTMAX_MODULE).masked_softmax_backward(*args)
 
+    KVCACHE_MODULE = ""  # attention_with_kvcache's kernels: kvcache_attention_forward, kvcache_append
+
+    def kvcache_forward(self, *args):
+        return self._module(self.KVCACHE_MODULE).kvcache_attention_forward(*args)
+
+    def kvcache_append(self, *args):
+        return self._module(self.KVCACHE_MODULE).kvcache_append(*args)
+
 
 class TritonBackend(_KernelCalls):
     name = "triton"
@@ -173,6 +181,19 @@ class TritonBackend(_KernelCalls):
                                                                       dropout_p, is_causal, scale, rng_state,
                                                                       mask_needs_grad, rule, deterministic)
 
+    KVCACHE_MODULE = ".triton_kernels.decode"
+
+    def kvcache_reasons(self, a) -> list:
+        """attention_with_kvcache (a: kvcache_contract.KVCacheArgs): the split-K decode kernels."""
+        reasons = self._device_reasons(a.q, (a.q.dtype,))
+        E, Ev = a.q.shape[-1], a.v_cache.shape[-1]
+        if E > self.MAX_HEAD_DIM or Ev > self.MAX_HEAD_DIM:
+            reasons.append(f"head dims up to {self.MAX_HEAD_DIM}, got E={E}, Ev={Ev}")
+        slopes = a.rule.alibi_slopes
+        if slopes is not None and slopes.dtype != torch.float32:
+            reasons.append(f"alibi_slopes must be float32, got {slopes.dtype}")
+        return reasons
+
 
 class CudaBackend(_KernelCalls):
     name = "cuda"
@@ -195,14 +216,21 @@ class CudaBackend(_KernelCalls):
     def softmax_reasons(self, a: SoftmaxArgs) -> list:
         return self._device_reasons(a.x)
 
+    def kvcache_reasons(self, a) -> list:
+        return ["the CUDA C++ backend has no KV-cache (decode) kernel; attention_with_kvcache runs on the triton "
+                "or reference backend"]
+
 
 class ReferenceBackend(_KernelCalls):
     """PyTorch implementation of the contract: any device, float32 arithmetic for half-precision inputs."""
 
     name = "reference"
-    ATTENTION_MODULE = SOFTMAX_MODULE = ".torch_backend"
+    ATTENTION_MODULE = SOFTMAX_MODULE = KVCACHE_MODULE = ".torch_backend"
 
     def attention_reasons(self, a: AttentionArgs) -> list:
+        return []
+
+    def kvcache_reasons(self, a) -> list:
         return []
 
     def softmax_reasons(self, a: SoftmaxArgs) -> list:
@@ -218,7 +246,8 @@ def get_backend(name: str):
 
 def _choose(kind: str, args, backend: Optional[str]) -> str:
     requested = requested_backend(backend)
-    reasons_of = "attention_reasons" if kind == "attention" else "softmax_reasons"
+    reasons_of = {"attention": "attention_reasons", "KV-cache attention": "kvcache_reasons"}.get(kind,
+                                                                                                "softmax_reasons")
     candidates = AUTO_ORDER if requested == "auto" else (requested,)
     why_not = {}
     for name in candidates:
@@ -239,6 +268,16 @@ def choose_attention_backend(args: AttentionArgs, backend: Optional[str] = None)
 def choose_softmax_backend(args: SoftmaxArgs, backend: Optional[str] = None) -> str:
     """The name of the backend that will run this masked_softmax call (raises NotSupportedError if none)."""
     return _choose("masked_softmax", args, backend)
+
+
+def choose_kvcache_backend(args, backend: Optional[str] = None) -> str:
+    """The backend that will run this attention_with_kvcache call (args: kvcache_contract.KVCacheArgs)."""
+    return _choose("KV-cache attention", args, backend)
+
+
+def kvcache_not_supported_reasons(args) -> dict:
+    """Each backend's reasons for not taking these attention_with_kvcache inputs (an empty list: supported)."""
+    return {name: BACKENDS[name].kvcache_reasons(args) for name in AUTO_ORDER}
 
 
 def attention_not_supported_reasons(args: AttentionArgs) -> dict:

@@ -165,3 +165,68 @@ def masked_softmax(input, mask=None, *, scale=1.0, is_causal=False, dim=-1,
     if a.moved:
         y = y.movedim(-1, a.dim)
     return y.reshape(input.shape).to(input.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KV-cache attention (llmkernels.attention_with_kvcache): gather each sequence's keys into a dense tensor and run
+# the dense reference above on it, bottom-right aligned.
+
+
+def gather_kvcache(cache: torch.Tensor, b: int, n: int, block_table: Optional[torch.Tensor]) -> torch.Tensor:
+    """The first ``n`` positions of sequence ``b`` as a dense (n, H, D) tensor: a slice of a contiguous cache, or
+    its pages ``block_table[b, :ceil(n / page_size)]`` in order (no other page is touched)."""
+    if block_table is None:
+        return cache[b, :n]
+    page_size = cache.shape[1]
+    pages = block_table[b, :(n + page_size - 1) // page_size].long()
+    return cache[pages].reshape(-1, *cache.shape[2:])[:n]
+
+
+def attend_sequence(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, is_causal: bool, scale: float,
+                    window_size, softcap: float, alibi_slopes: Optional[torch.Tensor], compute_dtype):
+    """Attention of one sequence's queries (Lq, Hq, E) over its dense keys (S, Hkv, E) / values (S, Hkv, Ev),
+    bottom-right aligned: (out (Lq, Hq, Ev), lse (Hq, Lq)). S = 0 gives 0 and lse -inf."""
+    Lq, Hq, _ = q.shape
+    if keys.shape[0] == 0:
+        cdt = compute_dtype or q.dtype
+        lse_dtype = torch.float64 if cdt == torch.float64 else torch.float32
+        return (q.new_zeros(Lq, Hq, values.shape[-1]),
+                torch.full((Hq, Lq), float("-inf"), dtype=lse_dtype, device=q.device))
+    slopes = None if alibi_slopes is None else alibi_slopes.reshape(1, Hq)
+    out, lse = scaled_dot_product_attention(
+        q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None], is_causal=is_causal,
+        scale=scale, enable_gqa=True, return_lse=True, window_size=window_size, causal_alignment="bottom_right",
+        softcap=softcap, alibi_slopes=slopes, compute_dtype=compute_dtype)
+    return out[0].transpose(0, 1), lse[0]
+
+
+def attention_with_kvcache(query, k_cache, v_cache, cache_seqlens, *, k=None, v=None, block_table=None,
+                           is_causal=False, scale=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           return_lse=False, compute_dtype: Optional[torch.dtype] = None):
+    """``llmkernels.attention_with_kvcache`` by gathering and the dense einsum reference, sequence by sequence.
+
+    The same arguments and meaning (kvcache_contract.py), except that it does not write the new tokens into the
+    cache: it attends over each sequence's ``cache_seqlens[b]`` cached positions followed by ``k[b]``/``v[b]``,
+    which is what the op sees after its in-place append. Reads the lengths on the host. Arithmetic in
+    ``compute_dtype`` (None: the input dtype); output in the input dtype, lse (B, Hq, Lq) float32 (float64 when
+    computing in float64)."""
+    from .kvcache_contract import check_kvcache
+
+    a = check_kvcache(query, k_cache, v_cache, cache_seqlens, k, v, block_table, is_causal, scale, window_size,
+                      softcap, alibi_slopes, 0, True, REFERENCE_DTYPES)
+    B, Lq, Hq, _ = query.shape
+    outs, lses = [], []
+    for b, n in enumerate(a.cache_seqlens.tolist()):
+        keys = gather_kvcache(k_cache, b, n, block_table)
+        values = gather_kvcache(v_cache, b, n, block_table)
+        if k is not None:
+            keys, values = torch.cat([keys, k[b]]), torch.cat([values, v[b]])
+        o, l = attend_sequence(query[b], keys, values, is_causal, a.scale, window_size, softcap,
+                               None if a.rule.alibi_slopes is None else a.rule.alibi_slopes[b], compute_dtype)
+        outs.append(o)
+        lses.append(l)
+    out = torch.stack(outs) if B else query.new_zeros(0, Lq, Hq, v_cache.shape[-1])
+    lse_dtype = torch.float64 if (compute_dtype or query.dtype) == torch.float64 else torch.float32
+    lse = torch.stack(lses).to(lse_dtype) if B else torch.zeros(0, Hq, Lq, dtype=lse_dtype, device=query.device)
+    out = out.to(query.dtype)
+    return (out, lse) if return_lse else out

@@ -103,3 +103,50 @@ def masked_softmax_backward(grad_y, y, scale):
     gf = grad_y.to(yf.dtype)
     dx = scale * yf * (gf - (gf * yf).sum(dim=-1, keepdim=True))
     return dx.to(y.dtype).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KV-cache attention (the canonical form of kvcache_contract.py). Reads the lengths on the host, so unlike the
+# Triton path it is neither CUDA-graph capturable nor fast; it is the contract in plain PyTorch.
+
+
+def kvcache_attention_forward(q, k_cache, v_cache, seqlens_k, block_table, is_causal, scale, rule, num_splits):
+    """(out (B, Lq, Hq, Ev), lse (B, Hq, Lq) float32) over each sequence's first seqlens_k[b] cache positions
+    (clamped to the capacity, as the kernels do); num_splits does not change this computation."""
+    B, Lq, Hq, _ = q.shape
+    capacity = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
+    cdt = _compute_dtype(q.dtype)
+    out = q.new_empty(B, Lq, Hq, v_cache.shape[-1])
+    lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
+    window = (rule.window_left, rule.window_right)
+    for b, n in enumerate(seqlens_k.tolist()):
+        n = min(max(n, 0), capacity)
+        keys = reference.gather_kvcache(k_cache, b, n, block_table)
+        values = reference.gather_kvcache(v_cache, b, n, block_table)
+        slopes = None if rule.alibi_slopes is None else rule.alibi_slopes[b]
+        o, l = reference.attend_sequence(q[b], keys, values, is_causal, scale, window, rule.softcap, slopes, cdt)
+        out[b] = o.to(q.dtype)
+        lse[b] = l.to(torch.float32)
+    return out, lse
+
+
+def kvcache_append(k_cache, v_cache, k, v, cache_seqlens, block_table) -> None:
+    """Write k[b, t] / v[b, t] at position cache_seqlens[b] + t of sequence b (through the block table when
+    paged). Positions outside the capacity and pages outside the cache are skipped: nothing else is written."""
+    B, Lq = k.shape[:2]
+    dev = k.device
+    pos = cache_seqlens.to(torch.int64)[:, None] + torch.arange(Lq, device=dev)[None, :]  # (B, Lq)
+    batch = torch.arange(B, device=dev)[:, None].expand(B, Lq)
+    if block_table is None:
+        ok = (pos >= 0) & (pos < k_cache.shape[1])
+        index = (batch[ok], pos[ok])
+    else:
+        page_size = k_cache.shape[1]
+        col = pos // page_size
+        ok = (pos >= 0) & (col < block_table.shape[1])
+        page = torch.full_like(pos, -1)
+        page[ok] = block_table[batch[ok], col[ok]].to(torch.int64)
+        ok = ok & (page >= 0) & (page < k_cache.shape[0])
+        index = (page[ok], (pos % page_size)[ok])
+    k_cache[index] = k[ok]
+    v_cache[index] = v[ok]

@@ -123,12 +123,20 @@ def _forward_launch(q, k, v, mask, dropout_p, is_causal, scale, rng_state, rule,
 
 
 def attention_forward(q, k, v, mask, dropout_p: float, is_causal: bool, scale: float, rng_state, rule=None,
-                      out_dtype=None):
+                      out_dtype=None, decode_path: bool = True):
     """FlashAttention forward on the canonical form: returns out (B, Hq, L, Ev) in q.dtype and lse (B, Hq, L)
     fp32 (natural log of the whole denominator, sink included; -inf on rows that see no key, whose output is 0,
     or the sink logit with sinks). ``out_dtype=torch.float32`` stores the fp32 accumulator unrounded (the kernel
     converts to the output buffer's dtype), for callers that merge partial attentions (llmkernels.distributed);
-    such calls keep the pointer kernel (the descriptor kernel's rules are for fp16/bf16 outputs)."""
+    such calls keep the pointer kernel (the descriptor kernel's rules are for fp16/bf16 outputs).
+    ``decode_path=False`` keeps the FlashAttention kernel even for the decode shapes (the benchmarks time it
+    against the split-K path); fp32-output calls keep it too."""
+    from .. import decode  # few queries, many keys: the split-K decode kernels (decode.py says when)
+
+    rule_or_none = ScoreRule() if rule is None else rule
+    if (decode_path and out_dtype in (None, q.dtype)
+            and decode.takes_dense_decode(q, k, mask, dropout_p, is_causal, rule_or_none)):
+        return decode.dense_decode_forward(q, k, v, is_causal, scale, rule_or_none)
     B, Hq, Hkv = q.shape[0], q.shape[1], k.shape[1]
     out, lse, grid_rows, args, constexprs = _forward_launch(q, k, v, mask, dropout_p, is_causal, scale, rng_state,
                                                             rule, out_dtype)
