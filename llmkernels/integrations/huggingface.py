@@ -57,6 +57,9 @@ from typing import Callable, Optional
 
 import torch
 
+from .. import dispatch
+from ..kvcache import attention_with_kvcache
+from ..kvcache_contract import check_kvcache
 from ..ops import scaled_dot_product_attention
 
 try:
@@ -152,12 +155,47 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         if mask is not None:
             bias = (bias.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else bias + mask)
         mask = bias
+    if mask is None and position_bias is None and sinks is None and float(dropout) == 0.0:
+        backend = _decode_backend(query, key, value, is_causal, scaling, window_size, cap)
+        if backend is not None:
+            # The decode step (few queries, a longer cache): the split-K kernels, with the same bottom-right
+            # meaning of is_causal and the window as the dense call below. (B, L, Hq, Dv) is already our layout.
+            out = attention_with_kvcache(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                         key.shape[2], is_causal=is_causal, scale=scaling, window_size=window_size,
+                                         softcap=cap, backend=backend)
+            return out.contiguous(), None
     out = scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=float(dropout),
                                        is_causal=is_causal, scale=scaling, enable_gqa=query.shape[1] != key.shape[1],
                                        window_size=window_size,
                                        causal_alignment="bottom_right" if is_causal or window is not None else None,
                                        softcap=cap, sinks=sinks)
     return out.transpose(1, 2).contiguous(), None
+
+
+# The decode route: at most this many queries, against more keys than queries (a step with a cache; a prefill
+# without one has L == S and stays on the dense kernels, which tile many query rows).
+DECODE_MAX_QUERIES = 16
+
+
+def _decode_backend(query, key, value, is_causal: bool, scaling, window_size, softcap: float) -> Optional[str]:
+    """The backend that runs this call through attention_with_kvcache (the split-K decode kernels), or None for
+    the dense path. Only called without a mask, bias, sinks or dropout: each sequence's keys are then all S keys
+    of the cache, and attention_with_kvcache(cache_seqlens=S) computes what the dense call computes (the causal
+    rule and the window aligned bottom-right in both). Not where a gradient is needed (the kernels are forward
+    only), nor where the backend in force (or, under auto, the triton one) does not take KV-cache attention."""
+    L, S = query.shape[2], key.shape[2]
+    if not 0 < L <= DECODE_MAX_QUERIES or S <= L or query.shape[1] % max(key.shape[1], 1) != 0:
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        return None
+    requested = dispatch.requested_backend(None)
+    name = "triton" if requested == "auto" else requested
+    try:
+        args = check_kvcache(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), S, None, None,
+                             None, is_causal, scaling, window_size, softcap, None, 0, False)
+    except (ValueError, TypeError):
+        return None  # the dense path gives its own error for these inputs
+    return None if dispatch.get_backend(name).kvcache_reasons(args) else name
 
 
 def _closure(fn: Callable) -> dict:
