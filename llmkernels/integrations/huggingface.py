@@ -57,10 +57,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import dispatch
-from ..kvcache import attention_with_kvcache
-from ..kvcache_contract import check_kvcache
 from ..ops import scaled_dot_product_attention
+from . import hf_decode
 
 try:
     import transformers
@@ -155,14 +153,17 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         if mask is not None:
             bias = (bias.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else bias + mask)
         mask = bias
-    if mask is None and position_bias is None and sinks is None and float(dropout) == 0.0:
-        backend = _decode_backend(query, key, value, is_causal, scaling, window_size, cap)
-        if backend is not None:
-            # The decode step (few queries, a longer cache): the split-K kernels, with the same bottom-right
-            # meaning of is_causal and the window as the dense call below. (B, L, Hq, Dv) is already our layout.
-            out = attention_with_kvcache(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                         key.shape[2], is_causal=is_causal, scale=scaling, window_size=window_size,
-                                         softcap=cap, backend=backend)
+    if position_bias is None and sinks is None and float(dropout) == 0.0 and not complete:
+        # A decode step (few queries, a longer cache): the split-K kernels where they compute the same thing as
+        # the dense call below (hf_decode.py says when). (B, L, Hq, Dv) is already our layout.
+        backend = hf_decode.decode_backend(query, key, value, is_causal, scaling, window_size, cap)
+        out = None
+        if backend is not None and attention_mask is None:
+            out = hf_decode.unpadded_decode(query, key, value, is_causal, scaling, window_size, cap, backend)
+        elif backend is not None and hf_decode.is_recorded_left_padded(attention_mask):
+            out = hf_decode.left_padded_decode(query, key, value, attention_mask, is_causal, scaling, window_size,
+                                               cap, backend)
+        if out is not None:
             return out.contiguous(), None
     out = scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=float(dropout),
                                        is_causal=is_causal, scale=scaling, enable_gqa=query.shape[1] != key.shape[1],
@@ -170,32 +171,6 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                                        causal_alignment="bottom_right" if is_causal or window is not None else None,
                                        softcap=cap, sinks=sinks)
     return out.transpose(1, 2).contiguous(), None
-
-
-# The decode route: at most this many queries, against more keys than queries (a step with a cache; a prefill
-# without one has L == S and stays on the dense kernels, which tile many query rows).
-DECODE_MAX_QUERIES = 16
-
-
-def _decode_backend(query, key, value, is_causal: bool, scaling, window_size, softcap: float) -> Optional[str]:
-    """The backend that runs this call through attention_with_kvcache (the split-K decode kernels), or None for
-    the dense path. Only called without a mask, bias, sinks or dropout: each sequence's keys are then all S keys
-    of the cache, and attention_with_kvcache(cache_seqlens=S) computes what the dense call computes (the causal
-    rule and the window aligned bottom-right in both). Not where a gradient is needed (the kernels are forward
-    only), nor where the backend in force (or, under auto, the triton one) does not take KV-cache attention."""
-    L, S = query.shape[2], key.shape[2]
-    if not 0 < L <= DECODE_MAX_QUERIES or S <= L or query.shape[1] % max(key.shape[1], 1) != 0:
-        return None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
-        return None
-    requested = dispatch.requested_backend(None)
-    name = "triton" if requested == "auto" else requested
-    try:
-        args = check_kvcache(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), S, None, None,
-                             None, is_causal, scaling, window_size, softcap, None, 0, False)
-    except (ValueError, TypeError):
-        return None  # the dense path gives its own error for these inputs
-    return None if dispatch.get_backend(name).kvcache_reasons(args) else name
 
 
 def _closure(fn: Callable) -> dict:
@@ -252,8 +227,15 @@ def mask_builder(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
         # The causal rule and the window are ours to apply bottom-right: exact when the queries are the last
         # q_length of the kv_length keys (absolute key j = kv_offset + j, query i = q_offset + i).
         if kind == "causal" and allow_is_causal_skip and q_offset + q_length == kv_offset + kv_length:
-            if pad is None or bool(pad.all()):
+            if pad is None:
                 return None
+            # One host read for both facts: no padding at all, or padding on the left only (each row False
+            # then True: the decode steps can take the split-K kernels, hf_decode.py)
+            no_padding, left_only = torch.stack([pad.all(), (pad[:, 1:] >= pad[:, :-1]).all()]).tolist()
+            if no_padding:
+                return None
+            if left_only:
+                hf_decode.record_left_padded(pad)
             return pad
     # transformers' own complete mask, never skipped (None would mean "apply the causal rule" to us).
     kwargs.pop("allow_is_bidirectional_skip", None)
