@@ -45,6 +45,11 @@ Keywords transformers 5.x passes to attention functions (from the models' ``atte
 * refused with an error: ``indices`` / ``block_indices`` (sparse attention), a ``head_mask``, and any other
   keyword that is not None, since it might change what attention computes.
 
+Decode steps (at most 16 queries against a longer cache, no gradient, bias, sinks or dropout) run on
+``attention_with_kvcache``'s split-K kernels where that is exact: with no mask, and with a 2-D key-padding mask that
+``mask_builder`` found to be left padding (a suffix of each row); hf_decode.py says how. Continuous batching
+(``generate_batch``) does not take custom attention functions in transformers 5.24 (README: Hugging Face).
+
 Other properties, compared with transformers' "sdpa" path: grouped-query attention runs natively (the key/value
 heads are read in place, never repeated); query/key/value are read through their strides; rows whose keys are all
 hidden (left padding) give 0, as PyTorch's SDPA does. The output is ``(B, L, H, D)`` contiguous.
