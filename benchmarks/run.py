@@ -5,6 +5,8 @@
     python -m benchmarks.run --full          every workload (GPU), every Triton config in the static report
     python -m benchmarks.run static [--full] only the static kernel report (sm_90 and sm_80, no GPU needed)
     python -m benchmarks.run ceilings        only the copy and matmul ceilings
+    python -m benchmarks.run decode          KV-cache decode rows (benchmarks/decode.py): GB/s of K/V read vs the
+                                             copy ceiling; tiny rows in the interpreter on CPU
     python -m benchmarks.run env             only the environment
     python -m benchmarks.run --dry-run       list the workloads and providers a sweep would run
 
@@ -287,7 +289,8 @@ def ceilings_only(args) -> int:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("command", nargs="?", default="sweep", choices=["sweep", "static", "ceilings", "env"])
+    parser.add_argument("command", nargs="?", default="sweep", choices=["sweep", "static", "ceilings", "env",
+                                                                            "decode"])
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     parser.add_argument("--providers", nargs="+", metavar="NAME",
                         help=f"only these providers: {', '.join(provider_names())}")
@@ -326,6 +329,9 @@ def main(argv=None) -> int:
         return static(args)
     if args.command == "ceilings":
         return ceilings_only(args)
+    if args.command == "decode":
+        from benchmarks import decode
+        return decode.main(args)
     if args.command == "env":
         print(environment.describe(environment.collect()))
         return 0

@@ -16,7 +16,7 @@ from .compile_check import compile_spec
 from .interpreter import interpreting
 
 # The kernel modules (llmkernels.triton_kernels.<name>) whose configs the report covers.
-KERNEL_MODULES = ("attention", "softmax")
+KERNEL_MODULES = ("attention", "softmax", "decode")
 
 
 def kernel_module(name: str):

@@ -231,9 +231,16 @@ def _block(dim: int) -> int:
     return max(16, triton.next_power_of_2(dim))
 
 
-def block_m(group: int, Lq: int) -> int:
-    """Query rows per program: the packed rows of one kv head, a power of two from 16 (tl.dot) to 64."""
-    return min(64, _block(group * Lq))
+def block_m(group: int, Lq: int, head_dim_block: int, dtype: torch.dtype) -> int:
+    """Query rows per program: the packed rows of one kv head, a power of two from 16 (tl.dot) up to the largest
+    tile the static compile report shows spill-free on sm_80 and sm_90: 64 rows at head dim 64, 32 at 128, 16 at
+    256 for fp16/bf16 (64 rows spill 24-64 B at 128 and 256 on sm_80), 16 for fp32 (64 rows spill 112 B and up).
+    More rows than that take several row blocks, each reading the head's K/V once."""
+    if dtype == torch.float32:
+        cap = 16
+    else:
+        cap = {64: 64, 128: 32}.get(max(head_dim_block, 64), 16)
+    return min(cap, _block(group * Lq))
 
 
 def decode_config(head_dim_block: int, dtype: torch.dtype) -> dict:
@@ -276,8 +283,8 @@ def kvcache_attention_forward(q, k_cache, v_cache, seqlens_k, block_table, is_ca
         out_part, lse_part = out, lse
     seqlens = seqlens_k.contiguous()
     slopes = rule.alibi_slopes
-    BM = block_m(group, Lq)
     BD, BDV = _block(E), _block(Ev)
+    BM = block_m(group, Lq, max(BD, BDV), q.dtype)
     cfg = decode_config(max(BD, BDV), q.dtype)
     grid = (B * Hkv * triton.cdiv(group * Lq, BM) * splits,)
     _decode_split_kernel[grid](
@@ -350,3 +357,81 @@ def dense_decode_forward(q, k, v, is_causal: bool, scale: float, rule):
     _, lse = kvcache_attention_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), seqlens, None,
                                        is_causal, scale, rule, splits, out=out.transpose(1, 2))
     return out, lse
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Static compile specs (compile_report.py): every launch config above, typed as a launch types it, with the
+# heaviest flags (causal with a window's left side, softcap, ALiBi; the split path's partial stores).
+
+_SPEC_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_SPEC_B, _SPEC_HKV, _SPEC_GROUP, _SPEC_PAGES, _SPEC_PAGE = 8, 8, 4, 4096, 16
+
+
+def _split_spec(dtype, head_dim: int, paged: bool, rows: int):
+    """rows: the packed query rows (GROUP x Lq) of the call the spec stands for; its tile is block_m's."""
+    from .attention.specs import _spec
+
+    dt = "*" + _SPEC_DTYPES[dtype]
+    H, D = _SPEC_HKV, head_dim
+    Hq = H * _SPEC_GROUP
+    cfg = decode_config(D, dtype)
+    cache = (_SPEC_PAGE * H * D, H * D, D, 1)
+    q_strides = (rows // _SPEC_GROUP * Hq * D, Hq * D, D, 1)
+    args = dict(Q=dt, K=dt, V=dt, SeqlensK="*i32", BlockTable="*i32", Alibi="*fp32", Out=dt, Lse="*fp32",
+                OutPart="*fp32", LsePart="*fp32", stride_btb=1024, stride_btp=1, stride_alibi_b=Hq,
+                stride_alibi_h=1, B=_SPEC_B, Hq=Hq, Hkv=H, Lq=rows // _SPEC_GROUP, capacity=16384,
+                num_pages=_SPEC_PAGES, page_size=_SPEC_PAGE, num_splits=4, scale=0.1, softcap=30.0, win_left=4095,
+                win_right=0, GROUP=_SPEC_GROUP, HEAD_DIM=D, HEAD_DIM_V=D, PAGED=paged, IS_CAUSAL=True,
+                WINDOW_LEFT=True, WINDOW_RIGHT=False, HAS_SOFTCAP=True, HAS_ALIBI=True, SPLIT=True,
+                DOT_PRECISION=_dot_precision(dtype), BLOCK_M=block_m(_SPEC_GROUP, rows // _SPEC_GROUP, D, dtype),
+                BLOCK_N=cfg["BLOCK_N"], BLOCK_D=D, BLOCK_DV=D)
+    for prefix, strides in (("q", q_strides), ("k", cache), ("v", cache), ("o", q_strides)):
+        for suffix, value in zip(("b", "t", "h", "d") if prefix in ("q", "o") else ("p", "n", "h", "d"), strides):
+            args[f"stride_{prefix}{suffix}"] = value
+    launch = triton.Config({}, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    name = (f"decode_split {_SPEC_DTYPES[dtype]} d{D} {'paged' if paged else 'contiguous'} M{args['BLOCK_M']} "
+            f"N{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}")
+    # Not held to HGMMA on sm_90: a decode tile has 16-64 rows and the kernel is bound by its K/V reads; the
+    # report shows which matrix instructions each config got.
+    return _spec(name, _decode_split_kernel, args, launch, expect_mma=False)
+
+
+def compile_specs(arch: int) -> list:
+    """The split kernel for each dtype, head-dim bucket (64, 128, 256), cache layout and tile (the 16-row tile of
+    Lq = 1 with a 4-head group, and the largest tile block_m gives, for Lq = 16), the merge kernel and the append
+    kernel. fp16 stands for itself and bf16 (the same configs; a full report under triton 3.8 showed them with the
+    same registers, shared memory and spills in every config), which keeps the suite's compile time down."""
+    from .attention.specs import _spec
+
+    specs = []
+    for dtype in (torch.float16, torch.float32):
+        for D in (64, 128, 256):
+            for paged in (False, True):
+                tiles = {block_m(_SPEC_GROUP, lq, D, dtype): lq for lq in (1, 16)}
+                for lq in tiles.values():
+                    specs.append(_split_spec(dtype, D, paged, _SPEC_GROUP * lq))
+    dt = "*fp16"
+    for D in (64, 128, 256):
+        merge = dict(OutPart="*fp32", LsePart="*fp32", Out=dt, Lse="*fp32", stride_ob=4096, stride_ot=4096,
+                     stride_oh=D, stride_od=1, B=8, Hq=32, Lq=1, num_splits=16, HEAD_DIM_V=D, BLOCK_S=16,
+                     BLOCK_DV=D)
+        specs.append(_spec(f"decode_merge fp16 d{D} S16", _decode_merge_kernel, merge,
+                           triton.Config({}, num_warps=4 if D >= 128 else 2, num_stages=1), expect_mma=False))
+    H, D = _SPEC_HKV, 256
+    cache = (_SPEC_PAGE * H * D, H * D, D, 1)
+    append = dict(KCache=dt, VCache=dt, Knew=dt, Vnew=dt, CacheSeqlens="*i32", BlockTable="*i32",
+                  stride_btb=1024, stride_btp=1, Lq=4, Hkv=H, capacity=16384, num_pages=_SPEC_PAGES,
+                  page_size=_SPEC_PAGE, max_pages=1024, HEAD_DIM=D, HEAD_DIM_V=D, PAGED=True, BLOCK_H=H,
+                  BLOCK_D=D, BLOCK_DV=D)
+    for prefix, strides in (("k", cache), ("v", cache), ("kn", (4 * H * D, H * D, D, 1)),
+                            ("vn", (4 * H * D, H * D, D, 1))):
+        for suffix, value in zip(("p", "n", "h", "d") if prefix in ("k", "v") else ("b", "t", "h", "d"), strides):
+            append[f"stride_{prefix}{suffix}"] = value
+    specs.append(_spec("decode_append fp16 d256 paged", _append_kernel, append,
+                       triton.Config({}, num_warps=4, num_stages=1), expect_mma=False))
+    return specs
+
+
+def excluded_configs(arch: int) -> list:
+    """The decode kernels have one config per bucket and exclude none."""
+    return []

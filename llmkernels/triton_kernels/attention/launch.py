@@ -85,13 +85,15 @@ def _check_rng(rng_state, dropout_p, device):
     return rng_state.to(device).contiguous()
 
 
-def attention_forward(q, k, v, mask, dropout_p: float, is_causal: bool, scale: float, rng_state, rule=None):
+def attention_forward(q, k, v, mask, dropout_p: float, is_causal: bool, scale: float, rng_state, rule=None,
+                      decode_path: bool = True):
     """FlashAttention forward on the canonical form: returns out (B, Hq, L, Ev) in q.dtype and lse (B, Hq, L)
     fp32 (natural log of the whole denominator, sink included; -inf on rows that see no key, whose output is 0,
-    or the sink logit with sinks)."""
+    or the sink logit with sinks). ``decode_path=False`` keeps the FlashAttention kernel even for the decode
+    shapes (the benchmarks time it against the split-K path)."""
     from .. import decode  # few queries, many keys: the split-K decode kernels (decode.py says when)
 
-    if decode.takes_dense_decode(q, k, mask, dropout_p, is_causal, ScoreRule() if rule is None else rule):
+    if decode_path and decode.takes_dense_decode(q, k, mask, dropout_p, is_causal, ScoreRule() if rule is None else rule):
         return decode.dense_decode_forward(q, k, v, is_causal, scale, ScoreRule() if rule is None else rule)
     B, Hq, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
