@@ -177,3 +177,24 @@ def test_attention_forward_decode_route(L, Hkv, window, softcap, padded, decode_
     lk_hf.attention_forward(_Module(), q, k, v, pad.clone(), **kw)
     lk_hf.attention_forward(_Module(), q.requires_grad_(), k, v, mask, **kw)
     assert len(decode_calls) == 1 and len(dense) == 2, "an unrecorded mask or a gradient must keep the dense path"
+
+
+def test_mask_builder_records_left_padding_only():
+    """Only a mask True on a suffix of each row is recorded for the left-padded route: right padding or a hole
+    (keys the split-K view would read) keeps the dense path."""
+    from transformers import masking_utils
+
+    def build(pad):
+        return lk_hf.mask_builder(batch_size=2, q_length=1, kv_length=6, q_offset=5, kv_offset=0,
+                                  mask_function=masking_utils.causal_mask_function, attention_mask=pad)
+
+    left = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+    right = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    hole = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 1, 0, 1, 1, 1]])
+    built = {name: build(pad) for name, pad in (("left", left), ("right", right), ("hole", hole))}
+    assert all(m.shape == (2, 6) and m.dtype == torch.bool for m in built.values())
+    assert hf_decode.is_recorded_left_padded(built["left"])
+    assert not hf_decode.is_recorded_left_padded(built["right"])
+    assert not hf_decode.is_recorded_left_padded(built["hole"])
+    assert not hf_decode.is_recorded_left_padded(built["left"].clone())  # a copy is not the checked mask
+    assert build(torch.ones(2, 6, dtype=torch.long)) is None
