@@ -192,9 +192,16 @@ def test_variants_change_the_result(kind, device):
 
 @pytest.mark.parametrize("padding", ["left", "none"])
 @pytest.mark.parametrize("kind", ["mistral", "gemma3", "gpt_oss"])
-def test_greedy_generate_matches_transformers(kind, padding, device, kernel_calls):
+def test_greedy_generate_matches_transformers(kind, padding, device, kernel_calls, monkeypatch):
     """Greedy decoding with a cache past the window: the same tokens as transformers' implementation. The
-    decoding steps (L = 1) take the compact form too: the queries are the last keys of a dynamic cache."""
+    decoding steps (L = 1) take the compact form too: the queries are the last keys of a dynamic cache. Those
+    the split-K route takes (hf_decode.py: no mask, or left padding at S >= 16) reach attention_with_kvcache
+    instead of the dense kernel."""
+    from llmkernels.integrations import hf_decode
+    decode_calls = []
+    original = hf_decode.attention_with_kvcache
+    monkeypatch.setattr(hf_decode, "attention_with_kvcache",
+                        lambda query, *a, **kw: decode_calls.append(query.shape[1]) or original(query, *a, **kw))
     models = _models(kind, device, keys=("ours", "naive"))
     ids, mask, _ = _batch(padding, device)
     ids, mask = ids[1:, :12], mask[1:, :12]  # with left padding: 5 and 11 pads of 12
@@ -206,7 +213,10 @@ def test_greedy_generate_matches_transformers(kind, padding, device, kernel_call
                                      pad_token_id=0)
     assert torch.equal(tokens["ours"], tokens["naive"])
     steps = [c for c in kernel_calls if c[0][2] == 1]
-    assert len(steps) == 2 * 9 and all(c[2] is True and c[4] == "bottom_right" for c in steps)
+    assert len(steps) + len(decode_calls) == 2 * 9 and all(L == 1 for L in decode_calls)
+    assert all(c[2] is True and c[4] == "bottom_right" for c in steps)
+    if kind == "gpt_oss":
+        assert not decode_calls  # sinks: the dense kernel
     if padding == "none":
         assert all(c[1] is None for c in kernel_calls)  # no mask at all: the kernel needs none
 

@@ -45,6 +45,11 @@ Keywords transformers 5.x passes to attention functions (from the models' ``atte
 * refused with an error: ``indices`` / ``block_indices`` (sparse attention), a ``head_mask``, and any other
   keyword that is not None, since it might change what attention computes.
 
+Decode steps (at most 16 queries against a longer cache, no gradient, bias, sinks or dropout) run on
+``attention_with_kvcache``'s split-K kernels where that is exact: with no mask, and with a 2-D key-padding mask that
+``mask_builder`` found to be left padding (a suffix of each row); hf_decode.py says how. Continuous batching
+(``generate_batch``) does not take custom attention functions in transformers 5.24 (README: Hugging Face).
+
 Other properties, compared with transformers' "sdpa" path: grouped-query attention runs natively (the key/value
 heads are read in place, never repeated); query/key/value are read through their strides; rows whose keys are all
 hidden (left padding) give 0, as PyTorch's SDPA does. The output is ``(B, L, H, D)`` contiguous.
@@ -58,6 +63,7 @@ from typing import Callable, Optional
 import torch
 
 from ..ops import scaled_dot_product_attention
+from . import hf_decode
 
 try:
     import transformers
@@ -152,6 +158,18 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         if mask is not None:
             bias = (bias.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else bias + mask)
         mask = bias
+    if position_bias is None and sinks is None and float(dropout) == 0.0 and not complete:
+        # A decode step (few queries, a longer cache): the split-K kernels where they compute the same thing as
+        # the dense call below (hf_decode.py says when). (B, L, Hq, Dv) is already our layout.
+        backend = hf_decode.decode_backend(query, key, value, is_causal, scaling, window_size, cap)
+        out = None
+        if backend is not None and attention_mask is None:
+            out = hf_decode.unpadded_decode(query, key, value, is_causal, scaling, window_size, cap, backend)
+        elif backend is not None and hf_decode.is_recorded_left_padded(attention_mask):
+            out = hf_decode.left_padded_decode(query, key, value, attention_mask, is_causal, scaling, window_size,
+                                               cap, backend)
+        if out is not None:
+            return out.contiguous(), None
     out = scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=float(dropout),
                                        is_causal=is_causal, scale=scaling, enable_gqa=query.shape[1] != key.shape[1],
                                        window_size=window_size,
@@ -214,8 +232,15 @@ def mask_builder(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
         # The causal rule and the window are ours to apply bottom-right: exact when the queries are the last
         # q_length of the kv_length keys (absolute key j = kv_offset + j, query i = q_offset + i).
         if kind == "causal" and allow_is_causal_skip and q_offset + q_length == kv_offset + kv_length:
-            if pad is None or bool(pad.all()):
+            if pad is None:
                 return None
+            # One host read for both facts: no padding at all, or padding on the left only (each row False
+            # then True: the decode steps can take the split-K kernels, hf_decode.py)
+            no_padding, left_only = torch.stack([pad.all(), (pad[:, 1:] >= pad[:, :-1]).all()]).tolist()
+            if no_padding:
+                return None
+            if left_only:
+                hf_decode.record_left_padded(pad)
             return pad
     # transformers' own complete mask, never skipped (None would mean "apply the causal rule" to us).
     kwargs.pop("allow_is_bidirectional_skip", None)
