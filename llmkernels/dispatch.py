@@ -111,6 +111,14 @@ class _KernelCalls:
     def softmax_forward(self, *args):
         return self._module(self.SOFTMAX_MODULE).masked_softmax_forward(*args)
 
+    VARLEN_MODULE = ""  # the module with varlen_forward / varlen_backward (packed variable-length attention)
+
+    def varlen_forward(self, *args):
+        return self._module(self.VARLEN_MODULE).varlen_forward(*args)
+
+    def varlen_backward(self, *args):
+        return self._module(self.VARLEN_MODULE).varlen_backward(*args)
+
     def softmax_backward(self, *args):
         return self._module(self.SOFTMAX_MODULE).masked_softmax_backward(*args)
 
@@ -162,6 +170,20 @@ class TritonBackend(_KernelCalls):
     def softmax_reasons(self, a: SoftmaxArgs) -> list:
         return self._device_reasons(a.x, self._float_dtypes(a.x, a.mask))
 
+    VARLEN_MODULE = ".triton_kernels.attention.varlen_launch"
+
+    def varlen_reasons(self, a) -> list:
+        """For varlen_contract.VarlenArgs: the dense op's limits (device, interpreter dtypes, head dims, float32
+        slopes); the same kernels run it."""
+        reasons = self._device_reasons(a.q, (a.q.dtype,))
+        E, Ev = a.q.shape[-1], a.v.shape[-1]
+        if E > self.MAX_HEAD_DIM or Ev > self.MAX_HEAD_DIM:
+            reasons.append(f"head dims up to {self.MAX_HEAD_DIM}, got E={E}, Ev={Ev}")
+        slopes = a.rule.alibi_slopes
+        if slopes is not None and slopes.dtype != torch.float32:
+            reasons.append(f"alibi_slopes must be float32, got {slopes.dtype}")
+        return reasons
+
 
 class CudaBackend(_KernelCalls):
     name = "cuda"
@@ -184,6 +206,11 @@ class CudaBackend(_KernelCalls):
     def softmax_reasons(self, a: SoftmaxArgs) -> list:
         return self._device_reasons(a.x)
 
+    def varlen_reasons(self, a) -> list:
+        return self._device_reasons(a.q) + [
+            "packed variable-length attention (varlen_attention) is not implemented in the CUDA C++ backend; the "
+            "triton and reference backends run it"]
+
 
 class ReferenceBackend(_KernelCalls):
     """PyTorch implementation of the contract: any device, float32 arithmetic for half-precision inputs."""
@@ -197,6 +224,11 @@ class ReferenceBackend(_KernelCalls):
     def softmax_reasons(self, a: SoftmaxArgs) -> list:
         return []
 
+    VARLEN_MODULE = ".torch_backend"
+
+    def varlen_reasons(self, a) -> list:
+        return []
+
 
 BACKENDS = {b.name: b for b in (TritonBackend(), CudaBackend(), ReferenceBackend())}
 
@@ -207,7 +239,7 @@ def get_backend(name: str):
 
 def _choose(kind: str, args, backend: Optional[str]) -> str:
     requested = requested_backend(backend)
-    reasons_of = "attention_reasons" if kind == "attention" else "softmax_reasons"
+    reasons_of = {"attention": "attention_reasons", "varlen attention": "varlen_reasons"}.get(kind, "softmax_reasons")
     candidates = AUTO_ORDER if requested == "auto" else (requested,)
     why_not = {}
     for name in candidates:
@@ -228,6 +260,17 @@ def choose_attention_backend(args: AttentionArgs, backend: Optional[str] = None)
 def choose_softmax_backend(args: SoftmaxArgs, backend: Optional[str] = None) -> str:
     """The name of the backend that will run this masked_softmax call (raises NotSupportedError if none)."""
     return _choose("masked_softmax", args, backend)
+
+
+def choose_varlen_backend(args, backend: Optional[str] = None) -> str:
+    """The name of the backend that will run this varlen_attention call (``args``: varlen_contract.VarlenArgs;
+    raises NotSupportedError if none)."""
+    return _choose("varlen attention", args, backend)
+
+
+def varlen_not_supported_reasons(args) -> dict:
+    """Each backend's reasons for not taking these varlen_attention inputs (an empty list: supported)."""
+    return {name: BACKENDS[name].varlen_reasons(args) for name in AUTO_ORDER}
 
 
 def attention_not_supported_reasons(args: AttentionArgs) -> dict:
