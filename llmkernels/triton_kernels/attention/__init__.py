@@ -14,9 +14,12 @@ One module per part, so that a new variant (a score rule, a key range, a config 
 ``specs``       the static compile specs of every config (``compile_check`` compiles them; nothing else)
 ``launch``      host launchers: ``attention_forward`` / ``attention_backward`` (called by
                 ``dispatch.TritonBackend``), the dense PyTorch backward fallback, ``dropout_keep_mask``
+``seqlens``     packed variable-length sequences: which sequence and block a VARLEN program owns
+``varlen_launch`` host launchers of the VARLEN mode (``varlen_forward`` / ``varlen_backward``,
+                ``varlen_dropout_keep_mask``)
 ==============  =============================================================================================
 
-Imports go one way: ranges <- tiles <- forward, backward <- launch, specs; configs <- launch, specs. This package
+Imports go one way: ranges, seqlens <- tiles <- forward, backward <- launch, specs; configs <- launch, specs. This package
 re-exports the names other modules use, so ``from llmkernels.triton_kernels import attention`` followed by
 ``attention.attention_forward(...)`` works (dispatch looks the launchers up here at call time, which is what
 lets tests spy on them).
@@ -31,5 +34,7 @@ wgmma on sm_90 (configs.py, specs.py).
 from .configs import excluded_configs
 from .launch import attention_backward, attention_forward, dropout_keep_mask
 from .specs import compile_specs
+from .varlen_launch import varlen_backward, varlen_dropout_keep_mask, varlen_forward
 
-__all__ = ["attention_forward", "attention_backward", "dropout_keep_mask", "compile_specs", "excluded_configs"]
+__all__ = ["attention_forward", "attention_backward", "dropout_keep_mask", "compile_specs", "excluded_configs",
+           "varlen_forward", "varlen_backward", "varlen_dropout_keep_mask"]

@@ -256,9 +256,10 @@ def _make_prune(arch: int, kernel: str):
 
 
 # The score rule's flags are keys too (a window changes which config is fastest); HAS_SINKS exists in the forward
-# only, and the autotuner skips key names a kernel does not have.
+# only, and the autotuner skips key names a kernel does not have. VARLEN (packed sequences, varlen_launch.py) gets
+# its own tuning: L_BUCKET / S_BUCKET are then those of max_seqlen.
 _TUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "HAS_MASK", "HAS_DROPOUT", "L_BUCKET", "S_BUCKET", "WINDOW_LEFT",
-             "WINDOW_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_SINKS"]
+             "WINDOW_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_SINKS", "VARLEN"]
 _DKDV_TUNE_KEY = _TUNE_KEY + ["DO_DK", "DO_DV"]
 
 
