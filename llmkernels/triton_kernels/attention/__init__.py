@@ -19,9 +19,9 @@ One module per part, so that a new variant (a score rule, a key range, a config 
                 ``varlen_dropout_keep_mask``)
 ==============  =============================================================================================
 
-Imports go one way: ranges, seqlens <- tiles <- forward, backward <- launch, specs; configs <- launch, specs. This package
-re-exports the names other modules use, so ``from llmkernels.triton_kernels import attention`` followed by
-``attention.attention_forward(...)`` works (dispatch looks the launchers up here at call time, which is what
+Imports go one way: ranges, seqlens <- tiles <- forward, backward <- launch, specs, varlen_launch; configs <- launch,
+specs. This package re-exports the names other modules use, so ``from llmkernels.triton_kernels import attention``
+followed by ``attention.attention_forward(...)`` works (dispatch looks the launchers up here at call time, which is what
 lets tests spy on them).
 
 Design (FlashAttention-2, Dao 2023), detailed in each module's docstring: one program per query block streams
