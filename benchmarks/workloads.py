@@ -408,7 +408,8 @@ def mixed_lengths(n: int, lo: int, hi: int, total: int, seed: int = 0) -> tuple:
 class VarlenWorkload:
     """Packed documents of ``lengths`` tokens (self-attention: query and key lengths equal), q/k/v (T, H, E)
     with T = sum(lengths); ``varlen=True`` routes the row to the providers that take packed inputs. FLOPs count
-    the real (query, key) pairs only: sum over documents of the dense count, causal as the visible pairs."""
+    the real (query, key) pairs only: the sum over documents of the dense rows' count (causal: L^2 / 2 each, the
+    convention), so the TFLOP/s compare with the dense kernel's at the same length."""
 
     kind: str  # "varlen"
     lengths: tuple

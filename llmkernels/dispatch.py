@@ -207,9 +207,9 @@ class CudaBackend(_KernelCalls):
         return self._device_reasons(a.x)
 
     def varlen_reasons(self, a) -> list:
-        return self._device_reasons(a.q) + [
-            "packed variable-length attention (varlen_attention) is not implemented in the CUDA C++ backend; the "
-            "triton and reference backends run it"]
+        # Not _device_reasons: that may build the extension (minutes) only to decline the call.
+        return ["packed variable-length attention (varlen_attention) is not implemented in the CUDA C++ backend; "
+                "the triton and reference backends run it"]
 
 
 class ReferenceBackend(_KernelCalls):

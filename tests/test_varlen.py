@@ -174,6 +174,26 @@ def test_reference_backend_matches_float64_reference(device):
 
 
 @needs_triton
+def test_alibi_rows_far_from_every_key_take_the_per_sequence_dense_backward(device, monkeypatch):
+    """ALiBi rows far from every key (more queries than keys, steep slopes) have |lse| > 2048, where fp32
+    exp(s - lse) loses the weights: the backward runs densely per sequence, with the kernels' keep pattern."""
+    calls = []
+    original = varlen_launch._dense_backward_per_sequence
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(varlen_launch, "_dense_backward_per_sequence", spy)
+    lens_q, lens_k = [40, 7], [3, 9]
+    q, k, v, g = _inputs(lens_q, lens_k, 2, 1, 16, 16, torch.float32, device, seed=9)
+    slopes = torch.tensor([[100.0, 60.0], [0.3, 0.5]], device=device)
+    check_varlen("triton", q, k, v, _cu(lens_q, device), _cu(lens_k, device), 40, 9, alibi_slopes=slopes,
+                 dropout_p=0.25)
+    assert calls == [1]
+
+
+@needs_triton
 def test_varlen_equals_dense_op_per_sequence(device):
     """Each sequence of a varlen call equals the dense op on that sequence alone (bottom-right), gradients too."""
     lens_q, lens_k = [21, 4, 0, 35], [18, 9, 3, 35]
@@ -244,6 +264,17 @@ def test_dropout_keep_pattern_is_the_kernels_and_dropout_one_gives_zeros(device)
     assert torch.equal(keeps[0], full[:, :5, :9]) and torch.equal(keeps[1], full[:, 5:, 9:])
     out = llmkernels.varlen_attention(_leaf(q), k, v, cu_q, cu_k, 18, 18, dropout_p=1.0, backend="triton")
     assert torch.equal(out, torch.zeros_like(out))
+
+
+@needs_triton
+def test_strided_cu_seqlens_are_read_by_their_strides(device):
+    q, k, v, _ = _inputs([4, 5], [4, 5], 2, 2, 16, 16, torch.float32, device, seed=4)
+    cu = _cu([4, 5], device)
+    strided = torch.stack([cu, torch.full_like(cu, 1000)], 1).flatten()[::2]  # [0, 4, 9] with stride 2
+    assert strided.stride() == (2,) and torch.equal(strided, cu)
+    expected = llmkernels.varlen_attention(q, k, v, cu, cu, 5, 5, is_causal=True, backend="triton")
+    got = llmkernels.varlen_attention(q, k, v, strided, strided, 5, 5, is_causal=True, backend="triton")
+    assert torch.equal(got, expected)
 
 
 def test_empty_inputs_and_zero_length_sequences(device):

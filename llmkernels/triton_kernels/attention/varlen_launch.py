@@ -45,6 +45,8 @@ def _bucket(max_seqlen: int) -> int:
 
 
 def _varlen_args(cu_q, cu_k):
+    # The kernels read cu_seqlens as contiguous int32: a strided view (cu[::2]) is copied (B + 1 ints).
+    cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()
     num_seqs = cu_q.shape[0] - 1
     return num_seqs, dict(CuSeqQ=cu_q, CuSeqK=cu_k, num_seqs=num_seqs, search_steps=_search_steps(num_seqs),
                           VARLEN=True)
