@@ -176,6 +176,9 @@ class TritonBackend(_KernelCalls):
         """For varlen_contract.VarlenArgs: the dense op's limits (device, interpreter dtypes, head dims, float32
         slopes); the same kernels run it."""
         reasons = self._device_reasons(a.q, (a.q.dtype,))
+        if a.q.device.type == "cuda" and a.q.dtype == torch.float32:
+            reasons.append("fp32 varlen runs on the reference backend on a GPU: the VARLEN kernels' fp32 configs "
+                           "spill (static compile check, configs._VARLEN_EXCLUDED)")
         E, Ev = a.q.shape[-1], a.v.shape[-1]
         if E > self.MAX_HEAD_DIM or Ev > self.MAX_HEAD_DIM:
             reasons.append(f"head dims up to {self.MAX_HEAD_DIM}, got E={E}, Ev={Ev}")

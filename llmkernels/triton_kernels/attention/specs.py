@@ -11,7 +11,7 @@ import triton
 
 from ..compile_check import CompileSpec
 from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
-from .configs import PREPROCESS_BLOCK_M, _configs_for, _precision_class, _split_dkdv
+from .configs import PREPROCESS_BLOCK_M, _configs_for, _precision_class, _split_dkdv, _varlen_configs_for
 from .forward import _attn_fwd_kernel
 
 
@@ -103,8 +103,8 @@ def compile_specs(arch: int) -> list:
     compiled at 64 (its largest tiles); E != Ev takes the bucket of the larger. Where dK and dV are split
     (_split_dkdv), each of the two launches is a spec. Where fp32 offers one config list for both variants, it is
     compiled with dropout only (the heavier flags). Each of these is compiled a second time in the VARLEN mode
-    (packed sequences, ``_VARLEN_FLAGS``; names with " varlen"), which the same configs serve, for fp16 and
-    fp32."""
+    (packed sequences, ``_VARLEN_FLAGS``; names with " varlen") for fp16, with the configs varlen calls are
+    offered (``configs._varlen_configs_for``)."""
     specs = []
     for kernel, fn in _KERNELS.items():
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
@@ -118,10 +118,15 @@ def compile_specs(arch: int) -> list:
                     if (precision == "fp32" and variant == "base"
                             and configs == _configs_for(arch, kernel, precision, bucket, "dropout", rule)):
                         continue  # fp32 offers one list for both variants: its dropout specs bound the base calls
-                    # VARLEN: fp16 and fp32 (bf16 compiles to the same tiles as fp16, only the mma operand type
-                    # differs; its dense specs cover it), which keeps the report's added time to about a half.
-                    modes = (False, True) if dtype != torch.bfloat16 else (False,)
-                    for cfg, (do_dk, do_dv), varlen in ((c, p, m) for c in configs for p in parts for m in modes):
+                    # VARLEN: fp16 only (bf16 compiles to the same tiles, only the mma operand type differs, and
+                    # its dense specs cover it; fp32 varlen does not run on a GPU, see configs._VARLEN_EXCLUDED),
+                    # with the configs offered to varlen calls.
+                    varlen_keys = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in
+                                   _varlen_configs_for(arch, kernel, precision, bucket, variant, rule) or []]
+                    modes = (False, True) if dtype == torch.float16 else (False,)
+                    for cfg, (do_dk, do_dv), varlen in ((c, p, m) for c in configs for p in parts for m in modes
+                                                        if not m or (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
+                                                                     c.num_warps, c.num_stages) in varlen_keys):
                         flags = dict(_FLAG_SETS[variant], **(_RULE_FLAGS if rule else _NO_RULE))
                         if kernel == "dq":
                             flags["WRITE_DMASK"] = not varlen
