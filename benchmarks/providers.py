@@ -17,6 +17,13 @@ Attention:
                            padding masks as a block mask, the float bias, softcap (tanh) and ALiBi as a score_mod
   reference                llmkernels.reference.scaled_dot_product_attention: the classic einsum module's math,
                            in the input dtype (materialises L x S)
+Packed variable-length attention (the "varlen" rows: q, k, v (T, H, E) and cu_seqlens):
+  llmk-triton              llmkernels.varlen_attention(..., backend="triton")
+  torch-varlen             torch.nn.attention.varlen.varlen_attn (torch 2.9+, CUDA only)
+  sdpa-flash-padded        SDPA's flash backend on the same documents padded to (B, H, max_len, E), causal (right
+                           padding: every real query sees only real keys), the output gathered back to (T, H, E)
+  flex-document            FlexAttention with a document block mask (same document, causal) over the packed batch
+  reference                llmkernels.reference.varlen_attention in the input dtype (per-document einsum)
 Masked softmax:
   llmk-triton, llmk-cuda   llmkernels.masked_softmax(..., backend="triton" / "cuda")
   eager                    torch.softmax(x * scale + mask, -1) (causal: masked_fill with a precomputed triangle)
@@ -54,6 +61,8 @@ class Provider:
     # On a machine without a GPU the default run leaves some providers out (they are then listed as skipped,
     # with this reason); naming them with --providers runs them anyway.
     cpu_skip: Optional[str] = None
+    # Takes the packed variable-length rows (workloads.VarlenWorkload) instead of the dense attention rows.
+    varlen: bool = False
 
 
 def _import_error(module: str, path: str) -> Optional[str]:
@@ -199,6 +208,92 @@ def _einsum_reference(inp):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# packed variable-length attention
+
+
+def _llmk_varlen(backend: str):
+    def prepare(inp):
+        import llmkernels
+        from llmkernels import dispatch
+        from llmkernels.varlen_contract import check_varlen_attention
+
+        w, cu, n = inp.workload, inp.cu_seqlens, inp.max_seqlen
+        args = check_varlen_attention(inp.q, inp.k, inp.v, cu, cu, n, n, is_causal=w.causal)
+        err = _import_error(*_BACKEND_MODULES[(backend, "attention")])
+        reasons = ([err] if err else []) + dispatch.BACKENDS[backend].varlen_reasons(args)
+        if reasons:
+            raise Unavailable("; ".join(reasons))
+        return Prepared(lambda: llmkernels.varlen_attention(inp.q, inp.k, inp.v, cu, cu, n, n, is_causal=w.causal,
+                                                            backend=backend))
+    return prepare
+
+
+def _torch_varlen(inp):
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError as exc:
+        raise Unavailable(f"torch {torch.__version__} has no torch.nn.attention.varlen ({exc})") from None
+    if inp.q.device.type != "cuda":
+        raise Unavailable("torch.nn.attention.varlen.varlen_attn runs on CUDA only")
+    w, cu, n = inp.workload, inp.cu_seqlens, inp.max_seqlen
+    return Prepared(lambda: varlen_attn(inp.q, inp.k, inp.v, cu, cu, n, n, is_causal=w.causal))
+
+
+def _sdpa_padded(inp):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    w = inp.workload
+    if not w.causal:
+        raise Unavailable("the padded SDPA form needs a key-padding mask without causality, which the flash "
+                          "backend does not take")
+    B, n, T = len(w.lengths), inp.max_seqlen, w.tokens
+    # The (document, position) of each packed token, built once: the padding scatter and the gather back.
+    doc = torch.repeat_interleave(torch.arange(B, device=inp.q.device), torch.tensor(w.lengths, device=inp.q.device))
+    pos = torch.arange(T, device=inp.q.device) - inp.cu_seqlens[:-1].long()[doc]
+
+    def forward():
+        padded = []
+        for t in (inp.q, inp.k, inp.v):
+            buf = t.new_zeros(B, n, w.H, w.E)
+            buf = buf.index_put((doc, pos), t)  # differentiable scatter into the padded batch
+            padded.append(buf.transpose(1, 2))
+        out = F.scaled_dot_product_attention(*padded, is_causal=True)
+        return out.transpose(1, 2)[doc, pos]
+
+    return Prepared(forward, context=lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION]))
+
+
+def _flex_document(inp):
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as exc:
+        raise Unavailable(f"torch {torch.__version__} has no FlexAttention ({exc})") from None
+    w = inp.workload
+    doc = torch.repeat_interleave(torch.arange(len(w.lengths), device=inp.q.device),
+                                  torch.tensor(w.lengths, device=inp.q.device))
+    causal = w.causal
+
+    def document(b, h, q_idx, kv_idx):  # same document (and causal): the packed batch's block-diagonal mask
+        same = doc[q_idx] == doc[kv_idx]
+        return (same & (q_idx >= kv_idx)) if causal else same
+
+    T = w.tokens
+    block_mask = create_block_mask(document, None, None, T, T, device=inp.q.device)
+    compiled = fresh_compile(flex_attention)
+    as_batch = (lambda t: t.transpose(0, 1).unsqueeze(0))  # (T, H, E) -> (1, H, T, E)
+    return Prepared(lambda: compiled(as_batch(inp.q), as_batch(inp.k), as_batch(inp.v),
+                                     block_mask=block_mask)[0].transpose(0, 1))
+
+
+def _varlen_reference(inp):
+    import llmkernels
+
+    w, cu, n = inp.workload, inp.cu_seqlens, inp.max_seqlen
+    return Prepared(lambda: llmkernels.reference.varlen_attention(inp.q, inp.k, inp.v, cu, cu, n, n,
+                                                                  is_causal=w.causal))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # masked softmax
 
 
@@ -260,6 +355,11 @@ PROVIDERS = [
     Provider("sdpa-math", "attention", _sdpa("MATH", cuda_only=False)),
     Provider("flex", "attention", _flex, cpu_skip=_FLEX_CPU_SKIP),
     Provider("reference", "attention", _einsum_reference),
+    Provider("llmk-triton", "attention", _llmk_varlen("triton"), varlen=True),
+    Provider("torch-varlen", "attention", _torch_varlen, varlen=True),
+    Provider("sdpa-flash-padded", "attention", _sdpa_padded, varlen=True),
+    Provider("flex-document", "attention", _flex_document, cpu_skip=_FLEX_CPU_SKIP, varlen=True),
+    Provider("reference", "attention", _varlen_reference, varlen=True),
     Provider("llmk-triton", "softmax", _llmk_softmax("triton")),
     Provider("llmk-cuda", "softmax", _llmk_softmax("cuda")),
     Provider("eager", "softmax", _eager_softmax),

@@ -61,7 +61,13 @@ def reference_outputs(inp, device: str):
         return None
     hi = _high(w.torch_dtype)
     up = (lambda t: None if t is None else (t if t.dtype == torch.bool else t.to(hi)))
-    if hasattr(inp, "q"):
+    if getattr(w, "varlen", False):
+        if sum(n * n for n in w.lengths) * w.H > CHECK_MAX_ELEMENTS[device]:
+            return None
+        cu, n = inp.cu_seqlens, inp.max_seqlen
+        ref = reference.varlen_attention(up(inp.q), up(inp.k), up(inp.v), cu, cu, n, n, is_causal=w.causal)
+        naive = reference.varlen_attention(inp.q, inp.k, inp.v, cu, cu, n, n, is_causal=w.causal)
+    elif hasattr(inp, "q"):
         if w.B * w.Hq * w.L * w.S > CHECK_MAX_ELEMENTS[device]:
             return None
         kw = dict(is_causal=w.causal, enable_gqa=inp.enable_gqa, **inp.variant_kwargs())
@@ -185,10 +191,13 @@ def plan(args, device: str) -> list:
     kinds = args.kinds
     out = []
     for op in args.ops:
-        table = workloads.attention_workloads if op == "attention" else workloads.softmax_workloads
-        ws = workloads.select(table(sweep_name), args.dtypes, args.modes, args.seqlens, kinds)
+        if op == "attention":  # the dense rows and the packed variable-length rows (their own providers)
+            table = workloads.attention_workloads(sweep_name) + workloads.varlen_workloads(sweep_name)
+        else:
+            table = workloads.softmax_workloads(sweep_name)
+        ws = workloads.select(table, args.dtypes, args.modes, args.seqlens, kinds)
         provs = [p for p in PROVIDERS if p.op == op and (args.providers is None or p.name in args.providers)]
-        out += [(op, w, provs) for w in ws]
+        out += [(op, w, [p for p in provs if p.varlen == getattr(w, "varlen", False)]) for w in ws]
     out.sort(key=lambda item: workloads.priority(item[1]))  # stable: keeps the order within a priority
     return out, sweep_name
 
@@ -302,7 +311,7 @@ def parse_args(argv=None):
                         help="only these lengths (attention: L, decode: S; softmax: row length)")
     parser.add_argument("--kinds", nargs="+", metavar="KIND",
                         help="only these workload kinds: standard padding bias gqa decode window softcap alibi "
-                             "(attention), plain masked causal (softmax)")
+                             "varlen (attention), plain masked causal (softmax)")
     parser.add_argument("--full", action="store_true",
                         help="every workload (bf16 and fp16, both head configs, 512..16k, all passes) on a GPU; "
                              "every Triton config in the static report")

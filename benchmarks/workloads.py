@@ -379,3 +379,117 @@ def select(workloads: list, dtypes=None, modes=None, seqlens=None, kinds=None) -
     return [w for w in workloads
             if (dtypes is None or w.dtype in dtypes) and (modes is None or w.mode in modes)
             and (seqlens is None or w.x_value in seqlens) and (kinds is None or w.kind in kinds)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# packed variable-length attention (issue 10)
+
+
+def mixed_lengths(n: int, lo: int, hi: int, total: int, seed: int = 0) -> tuple:
+    """``n`` document lengths in [lo, hi], log-uniform (many short, a few long, as packed training batches),
+    scaled so they sum to ``total`` exactly (the rounding remainder spread over documents with room)."""
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.exp(torch.empty(n).uniform_(float(torch.log(torch.tensor(float(lo)))),
+                                            float(torch.log(torch.tensor(float(hi)))), generator=g))
+    lengths = raw
+    for _ in range(50):  # rescale, clamp, repeat: converges in a few rounds
+        lengths = (lengths * (total / lengths.sum())).clamp(lo, hi)
+    out = [int(x) for x in lengths.round()]
+    i = 0
+    while sum(out) != total:
+        step = 1 if sum(out) < total else -1
+        if lo <= out[i % n] + step <= hi:
+            out[i % n] += step
+        i += 1
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class VarlenWorkload:
+    """Packed documents of ``lengths`` tokens (self-attention: query and key lengths equal), q/k/v (T, H, E)
+    with T = sum(lengths); ``varlen=True`` routes the row to the providers that take packed inputs. FLOPs count
+    the real (query, key) pairs only: the sum over documents of the dense rows' count (causal: L^2 / 2 each, the
+    convention), so the TFLOP/s compare with the dense kernel's at the same length."""
+
+    kind: str  # "varlen"
+    lengths: tuple
+    H: int
+    E: int
+    causal: bool
+    mode: str
+    dtype: str
+    varlen: bool = True
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.lengths)
+
+    @property
+    def mean_length(self) -> int:
+        return self.tokens // max(1, len(self.lengths))
+
+    @property
+    def label(self) -> str:
+        return (f"varlen {self.dtype} docs={len(self.lengths)} T={self.tokens} len={min(self.lengths)}.."
+                f"{max(self.lengths)} H={self.H} E={self.E}{' causal' if self.causal else ''} {self.mode}")
+
+    @property
+    def group(self) -> str:
+        return f"attention_varlen_{self.dtype}_H{self.H}_E{self.E}{'_causal' if self.causal else ''}_" \
+               f"{self.mode.replace('+', '')}"
+
+    @property
+    def x_value(self) -> int:
+        return self.tokens
+
+    def flops(self) -> float:
+        return sum(metrics.attention_flops(1, self.H, n, n, self.E, self.E, self.causal, self.mode)
+                   for n in self.lengths if n > 0)
+
+    def make_inputs(self, device: str, seed: int = 0) -> "VarlenInputs":
+        g = torch.Generator(device=device).manual_seed(seed)
+        grad = self.mode != "fwd"
+        q, k, v = (torch.randn(self.tokens, self.H, self.E, generator=g, device=device, dtype=self.torch_dtype)
+                   .requires_grad_(grad) for _ in range(3))
+        cu = torch.tensor([0] + torch.tensor(self.lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+        return VarlenInputs(self, q, k, v, cu)
+
+
+@dataclass
+class VarlenInputs:
+    workload: VarlenWorkload
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    cu_seqlens: torch.Tensor
+
+    @property
+    def max_seqlen(self) -> int:
+        return max(self.workload.lengths)
+
+    def forward_bytes(self) -> int:
+        return 4 * self.q.numel() * self.q.element_size()  # q, k, v read, out written
+
+    @property
+    def leaves(self) -> list:
+        return [self.q, self.k, self.v]
+
+
+def varlen_workloads(sweep: str) -> list:
+    """The issue-10 row: 64 documents of 128..8k tokens, 64k tokens, 16 heads of 128, bf16, causal, forward and
+    backward (GPU sweeps); a tiny packed batch with a length 1 and odd lengths on CPU."""
+    if sweep in ("quick", "full"):
+        lengths = mixed_lengths(64, 128, 8192, 65536)
+        dtypes = ["bf16"] if sweep == "quick" else ["bf16", "fp16"]
+        modes = ["fwd", "bwd"] if sweep == "quick" else list(metrics.MODES)
+        return [VarlenWorkload("varlen", lengths, 16, 128, True, mode, dtype) for dtype in dtypes for mode in modes]
+    if sweep == "cpu":
+        return [VarlenWorkload("varlen", (37, 1, 90, 13, 64, 51), 4, 64, True, mode, "fp32")
+                for mode in ("fwd", "bwd")]
+    if sweep == "tiny":
+        return []
+    raise ValueError(f"unknown sweep {sweep!r}")

@@ -29,3 +29,8 @@ from .integrations import register_huggingface  # noqa: E402
 
 __all__ += ["nn", "route_sdpa", "enable_sdpa_routing", "disable_sdpa_routing", "sdpa_routing_enabled", "routing_stats",
             "reset_routing_stats", "register_huggingface"]
+
+# Packed variable-length attention (cu_seqlens), forward and backward.
+from .varlen import varlen_attention  # noqa: E402
+
+__all__ += ["varlen_attention"]

@@ -115,6 +115,14 @@ class _KernelCalls:
     def softmax_forward(self, *args):
         return self._module(self.SOFTMAX_MODULE).masked_softmax_forward(*args)
 
+    VARLEN_MODULE = ""  # the module with varlen_forward / varlen_backward (packed variable-length attention)
+
+    def varlen_forward(self, *args):
+        return self._module(self.VARLEN_MODULE).varlen_forward(*args)
+
+    def varlen_backward(self, *args):
+        return self._module(self.VARLEN_MODULE).varlen_backward(*args)
+
     def softmax_backward(self, *args):
         return self._module(self.SOFTMAX_MODULE).masked_softmax_backward(*args)
 
@@ -161,15 +169,20 @@ class TritonBackend(_KernelCalls):
             return (x.dtype,)
         return (x.dtype, mask.dtype)
 
-    def attention_reasons(self, a: AttentionArgs) -> list:
-        reasons = self._device_reasons(a.q, self._float_dtypes(a.q, a.mask))
-        E, Ev = a.q.shape[-1], a.v.shape[-1]
+    def _head_and_slope_reasons(self, E: int, Ev: int, rule) -> list:
+        """The limits every Triton attention kernel shares: head dims, and ALiBi slopes in float32."""
+        reasons = []
         if E > self.MAX_HEAD_DIM or Ev > self.MAX_HEAD_DIM:
             reasons.append(f"head dims up to {self.MAX_HEAD_DIM}, got E={E}, Ev={Ev}")
-        slopes = a.rule.alibi_slopes
+        slopes = rule.alibi_slopes
         if slopes is not None and slopes.dtype != torch.float32:
             reasons.append(f"alibi_slopes must be float32, got {slopes.dtype}")
         return reasons
+
+    def attention_reasons(self, a: AttentionArgs) -> list:
+        reasons = self._device_reasons(a.q, self._float_dtypes(a.q, a.mask))
+        E, Ev = a.q.shape[-1], a.v.shape[-1]
+        return reasons + self._head_and_slope_reasons(E, Ev, a.rule)
 
     def softmax_reasons(self, a: SoftmaxArgs) -> list:
         return self._device_reasons(a.x, self._float_dtypes(a.x, a.mask))
@@ -187,12 +200,19 @@ class TritonBackend(_KernelCalls):
         """attention_with_kvcache (a: kvcache_contract.KVCacheArgs): the split-K decode kernels."""
         reasons = self._device_reasons(a.q, (a.q.dtype,))
         E, Ev = a.q.shape[-1], a.v_cache.shape[-1]
-        if E > self.MAX_HEAD_DIM or Ev > self.MAX_HEAD_DIM:
-            reasons.append(f"head dims up to {self.MAX_HEAD_DIM}, got E={E}, Ev={Ev}")
-        slopes = a.rule.alibi_slopes
-        if slopes is not None and slopes.dtype != torch.float32:
-            reasons.append(f"alibi_slopes must be float32, got {slopes.dtype}")
-        return reasons
+        return reasons + self._head_and_slope_reasons(E, Ev, a.rule)
+
+    VARLEN_MODULE = ".triton_kernels.attention.varlen_launch"
+
+    def varlen_reasons(self, a) -> list:
+        """For varlen_contract.VarlenArgs: the dense op's limits (device, interpreter dtypes, head dims, float32
+        slopes); the same kernels run it."""
+        reasons = self._device_reasons(a.q, (a.q.dtype,))
+        if a.q.device.type == "cuda" and a.q.dtype == torch.float32:
+            reasons.append("fp32 varlen runs on the reference backend on a GPU: the VARLEN kernels' fp32 configs "
+                           "spill (static compile check, configs._VARLEN_EXCLUDED)")
+        E, Ev = a.q.shape[-1], a.v.shape[-1]
+        return reasons + self._head_and_slope_reasons(E, Ev, a.rule)
 
 
 class CudaBackend(_KernelCalls):
@@ -220,6 +240,11 @@ class CudaBackend(_KernelCalls):
         return ["the CUDA C++ backend has no KV-cache (decode) kernel; attention_with_kvcache runs on the triton "
                 "or reference backend"]
 
+    def varlen_reasons(self, a) -> list:
+        # Not _device_reasons: that may build the extension (minutes) only to decline the call.
+        return ["packed variable-length attention (varlen_attention) is not implemented in the CUDA C++ backend; "
+                "the triton and reference backends run it"]
+
 
 class ReferenceBackend(_KernelCalls):
     """PyTorch implementation of the contract: any device, float32 arithmetic for half-precision inputs."""
@@ -236,6 +261,11 @@ class ReferenceBackend(_KernelCalls):
     def softmax_reasons(self, a: SoftmaxArgs) -> list:
         return []
 
+    VARLEN_MODULE = ".torch_backend"
+
+    def varlen_reasons(self, a) -> list:
+        return []
+
 
 BACKENDS = {b.name: b for b in (TritonBackend(), CudaBackend(), ReferenceBackend())}
 
@@ -246,8 +276,8 @@ def get_backend(name: str):
 
 def _choose(kind: str, args, backend: Optional[str]) -> str:
     requested = requested_backend(backend)
-    reasons_of = {"attention": "attention_reasons", "KV-cache attention": "kvcache_reasons"}.get(kind,
-                                                                                                "softmax_reasons")
+    reasons_of = {"attention": "attention_reasons", "KV-cache attention": "kvcache_reasons",
+                  "varlen attention": "varlen_reasons"}.get(kind, "softmax_reasons")
     candidates = AUTO_ORDER if requested == "auto" else (requested,)
     why_not = {}
     for name in candidates:
@@ -278,6 +308,16 @@ def choose_kvcache_backend(args, backend: Optional[str] = None) -> str:
 def kvcache_not_supported_reasons(args) -> dict:
     """Each backend's reasons for not taking these attention_with_kvcache inputs (an empty list: supported)."""
     return {name: BACKENDS[name].kvcache_reasons(args) for name in AUTO_ORDER}
+
+def choose_varlen_backend(args, backend: Optional[str] = None) -> str:
+    """The name of the backend that will run this varlen_attention call (``args``: varlen_contract.VarlenArgs;
+    raises NotSupportedError if none)."""
+    return _choose("varlen attention", args, backend)
+
+
+def varlen_not_supported_reasons(args) -> dict:
+    """Each backend's reasons for not taking these varlen_attention inputs (an empty list: supported)."""
+    return {name: BACKENDS[name].varlen_reasons(args) for name in AUTO_ORDER}
 
 
 def attention_not_supported_reasons(args: AttentionArgs) -> dict:

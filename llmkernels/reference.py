@@ -230,3 +230,54 @@ def attention_with_kvcache(query, k_cache, v_cache, cache_seqlens, *, k=None, v=
     lse = torch.stack(lses).to(lse_dtype) if B else torch.zeros(0, Hq, Lq, dtype=lse_dtype, device=query.device)
     out = out.to(query.dtype)
     return (out, lse) if return_lse else out
+
+
+def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, is_causal=False,
+                     scale=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, dropout_p=0.0,
+                     enable_gqa=False, return_lse=False, dropout_masks=None,
+                     compute_dtype: Optional[torch.dtype] = None):
+    """Packed variable-length attention as the dense reference run on each sequence, bottom-right aligned.
+
+    Sequence ``b`` is ``query[cu_seqlens_q[b]:cu_seqlens_q[b + 1]]`` against the same slice of key and value by
+    ``cu_seqlens_k``; each runs through ``scaled_dot_product_attention`` above with
+    ``causal_alignment="bottom_right"``, the sequence's ALiBi slopes and, when given, ``dropout_masks[b]`` (a bool
+    ``(Hq, Lq_b, Lk_b)`` keep pattern). Returns out ``(Tq, Hq, Ev)`` in the input dtype and, with ``return_lse``,
+    lse ``(Hq, Tq)`` (float64 when computing in float64, else float32). The cu_seqlens' values are always checked
+    (this reads them on the host anyway)."""
+    from .varlen_contract import check_cu_seqlens_values, check_varlen_attention
+
+    a = check_varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                               is_causal=is_causal, scale=scale, window_size=window_size, softcap=softcap,
+                               alibi_slopes=alibi_slopes, dropout_p=dropout_p, enable_gqa=enable_gqa,
+                               dtypes=REFERENCE_DTYPES)
+    Tq, Hq, _ = query.shape
+    check_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, Tq, key.shape[0], max_seqlen_q, max_seqlen_k)
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for b in range(a.num_seqs):
+        q0, q1, k0, k1 = starts_q[b], starts_q[b + 1], starts_k[b], starts_k[b + 1]
+        # (L, H, E) slices as (1, H, L, E) views: the dense reference's layout.
+        q_b, k_b, v_b = (t[lo:hi].transpose(0, 1).unsqueeze(0) for t, lo, hi in
+                         ((query, q0, q1), (key, k0, k1), (value, k0, k1)))
+        if q1 == q0 or k1 == k0:
+            # No queries, or no keys (every row sees nothing): output 0 and lse -inf, as the contract says.
+            cdt = compute_dtype or query.dtype
+            outs.append(query.new_zeros(q1 - q0, Hq, value.shape[2]))
+            lses.append(query.new_full((Hq, q1 - q0), float("-inf"), dtype=cdt))
+            continue
+        slopes = None if a.rule.alibi_slopes is None else a.rule.alibi_slopes[b:b + 1]
+        keep = None if dropout_masks is None else dropout_masks[b].unsqueeze(0)
+        o, lse = scaled_dot_product_attention(
+            q_b, k_b, v_b, None, dropout_p, a.is_causal, a.scale, enable_gqa=True, return_lse=True,
+            window_size=(a.rule.window_left, a.rule.window_right), causal_alignment="bottom_right",
+            softcap=a.rule.softcap, alibi_slopes=slopes, dropout_mask=keep, compute_dtype=compute_dtype)
+        outs.append(o[0].transpose(0, 1))
+        lses.append(lse[0])
+    Ev = value.shape[2]
+    cdt = compute_dtype or query.dtype
+    lse_dtype = torch.float64 if cdt == torch.float64 else torch.float32
+    out = torch.cat(outs, 0) if outs else query.new_zeros(0, Hq, Ev)
+    lse = torch.cat(lses, 1).to(lse_dtype) if lses else query.new_zeros(Hq, 0, dtype=lse_dtype)
+    if not return_lse:
+        return out
+    return out, lse

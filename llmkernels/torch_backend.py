@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
+from .contract import ScoreRule
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -150,3 +151,57 @@ def kvcache_append(k_cache, v_cache, k, v, cache_seqlens, block_table) -> None:
         index = (page[ok], (pos % page_size)[ok])
     k_cache[index] = k[ok]
     v_cache[index] = v[ok]
+
+
+# packed variable-length attention: the dense functions above, one sequence at a time (a host read of the
+# cu_seqlens, which this backend needs anyway to slice the sequences)
+
+
+def _sequences(q, k, v, cu_q, cu_k, rule):
+    """Per sequence: (b, query rows, key rows, the (1, H, L, E) views of q, k, v, the sequence's ScoreRule)."""
+    starts_q, starts_k = cu_q.tolist(), cu_k.tolist()
+    for b in range(len(starts_q) - 1):
+        rows_q, rows_k = slice(starts_q[b], starts_q[b + 1]), slice(starts_k[b], starts_k[b + 1])
+        views = tuple(t[rows].transpose(0, 1).unsqueeze(0) for t, rows in ((q, rows_q), (k, rows_k), (v, rows_k)))
+        slopes = None if rule.alibi_slopes is None else rule.alibi_slopes[b:b + 1]
+        seq_rule = ScoreRule(rule.window_left, rule.window_right, rule.bottom_right, rule.softcap, slopes,
+                                       None)
+        yield b, rows_q, rows_k, views, seq_rule
+
+
+def _sequence_rng(rng_state, b: int):
+    """This backend's dropout stream of sequence b: [seed, offset + b] (its own pattern, not the Triton one)."""
+    return None if rng_state is None else rng_state + torch.tensor([0, b], dtype=rng_state.dtype,
+                                                                     device=rng_state.device)
+
+
+def varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, rng_state, rule):
+    Tq, Hq, _ = q.shape
+    out = q.new_zeros(Tq, Hq, v.shape[2])
+    lse = q.new_full((Hq, Tq), float("-inf"), dtype=torch.float32)
+    for b, rows_q, _, (q_b, k_b, v_b), seq_rule in _sequences(q, k, v, cu_q, cu_k, rule):
+        if q_b.shape[2] == 0 or k_b.shape[2] == 0:
+            continue  # no queries, or no keys: output 0, lse -inf (already there)
+        o, l = attention_forward(q_b, k_b, v_b, None, dropout_p, is_causal, scale, _sequence_rng(rng_state, b),
+                                 seq_rule)
+        out[rows_q] = o[0].transpose(0, 1)
+        lse[:, rows_q] = l[0]
+    return out, lse
+
+
+def varlen_backward(grad_out, q, k, v, out, lse, grad_lse, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale,
+                    rng_state, rule):
+    dq, dk, dv = q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+    for b, rows_q, rows_k, (q_b, k_b, v_b), seq_rule in _sequences(q, k, v, cu_q, cu_k, rule):
+        if q_b.shape[2] == 0 or k_b.shape[2] == 0:
+            continue  # nothing attends: zero gradients
+        g_out = grad_out[rows_q].transpose(0, 1).unsqueeze(0)
+        o_b = out[rows_q].transpose(0, 1).unsqueeze(0)
+        l_b = lse[:, rows_q].unsqueeze(0)
+        g_lse = None if grad_lse is None else grad_lse[:, rows_q].unsqueeze(0)
+        dq_b, dk_b, dv_b, _ = attention_backward(g_out, q_b, k_b, v_b, o_b, l_b, g_lse, None, dropout_p, is_causal,
+                                                 scale, _sequence_rng(rng_state, b), False, seq_rule)
+        dq[rows_q] = dq_b[0].transpose(0, 1)
+        dk[rows_k] = dk_b[0].transpose(0, 1)
+        dv[rows_k] = dv_b[0].transpose(0, 1)
+    return dq, dk, dv

@@ -125,10 +125,14 @@ def test_inputs_match_the_workload_and_masks_keep_every_row():
 
 
 def test_every_required_provider_is_registered():
-    assert set(provider_names("attention")) == {"llmk-triton", "llmk-triton-det", "llmk-cuda", "sdpa-flash",
-                                                 "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "flex", "reference"}
+    dense = {p.name for p in PROVIDERS if p.op == "attention" and not p.varlen}
+    assert dense == {"llmk-triton", "llmk-triton-det", "llmk-cuda", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn",
+                     "sdpa-math", "flex", "reference"}
+    # the packed variable-length rows (issue 10) have their own providers
+    assert {p.name for p in PROVIDERS if p.varlen} == {"llmk-triton", "torch-varlen", "sdpa-flash-padded",
+                                                       "flex-document", "reference"}
     assert set(provider_names("softmax")) == {"llmk-triton", "llmk-cuda", "eager", "compiled"}
-    assert len({(p.name, p.op) for p in PROVIDERS}) == len(PROVIDERS)
+    assert len({(p.name, p.op, p.varlen) for p in PROVIDERS}) == len(PROVIDERS)
 
 
 def test_output_check_flags_wrong_and_nan_outputs():
@@ -290,3 +294,16 @@ def test_materialised_mask_computes_the_variant(kind):
     torch.testing.assert_close(via_mask, via_args, rtol=1e-5, atol=1e-5)
     plain = reference.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     assert (plain - via_args).abs().max() > 1e-3  # the variant matters at this size
+
+
+def test_varlen_rows_count_the_real_pairs_and_match_the_issue():
+    ws = workloads.varlen_workloads("quick")
+    assert {w.mode for w in ws} == {"fwd", "bwd"}
+    for w in ws:
+        assert (len(w.lengths), w.tokens, w.H, w.E, w.dtype, w.causal) == (64, 65536, 16, 128, "bf16", True)
+        assert 128 <= min(w.lengths) and max(w.lengths) <= 8192
+    w = workloads.VarlenWorkload("varlen", (3, 1, 5), 2, 8, True, "fwd", "fp32")
+    pairs = (9 + 1 + 25) / 2  # each document's causal L^2 / 2 (the dense rows' convention), nothing across them
+    assert w.flops() == 4.0 * 2 * 8 * pairs
+    inp = w.make_inputs("cpu")
+    assert inp.q.shape == (9, 2, 8) and inp.cu_seqlens.tolist() == [0, 3, 4, 9] and inp.max_seqlen == 5

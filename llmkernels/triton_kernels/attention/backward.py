@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .ranges import _query_range
+from .seqlens import _sequence_block, _sequence_span
 from .tiles import (_dropout_keep, _exp_scores, _load_rows, _masked_scores, _query_block, _score_scale, _score_unit,
                     _tanh, _tanh_grad)
 
@@ -140,34 +141,55 @@ def _attn_bwd_dkdv_kernel(Q, K, V, dO, Mask, RngState, Alibi, ScoreLse, Delta, d
                           HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                           DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                           EVEN_M: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr):
+                          BLOCK_N: tl.constexpr, CuSeqQ=None, CuSeqK=None, num_seqs=1, search_steps=0,
+                          VARLEN: tl.constexpr = False):
     """dK, dV of one key block of one kv head. GQA: the GROUP query heads that read this kv head are summed here,
     in registers, in a fixed order; K/V are never repeated in memory.
 
     DO_DK / DO_DV: which of the two this launch computes. Both at once (one pass) up to head dim 128 (64 for
     fp32); above that the two fp32 accumulators of BLOCK_N x head-dim do not fit the register file next to
     everything else (they spill in every config, static compile check), so the host runs the kernel twice, once
-    per gradient, recomputing the scores: the dV launch skips dP and dS, the dK launch skips P^T dO."""
-    num_n_blocks = tl.cdiv(S, BLOCK_N)
+    per gradient, recomputing the scores: the dV launch skips dP and dS, the dK launch skips P^T dO.
+
+    VARLEN: packed sequences (seqlens.py), one program per (key block slot, kv head): the slot's sequence gives
+    the rows of its keys (k_row0, length S_seq) and queries (q_row0, length L_seq), bottom-right (diag =
+    S_seq - L_seq); Q, dO are (1, H, Tq, D) views, ScoreLse, Delta (Hq, Tq), dK, dV contiguous (Tk, Hkv, D).
+    S stays Tk: the dropout offsets' row length."""
     pid = tl.program_id(0)
-    b_kvh = pid // num_n_blocks
-    n_block = pid % num_n_blocks
-    if IS_CAUSAL:
-        n_block = num_n_blocks - 1 - n_block  # the first key blocks see the most queries: start them first
-    off_b = b_kvh // Hkv
-    off_kvh = b_kvh % Hkv
+    if VARLEN:
+        num_slots = S // BLOCK_N + num_seqs
+        off_kvh = pid // num_slots
+        slot = pid % num_slots
+        if IS_CAUSAL:
+            slot = num_slots - 1 - slot
+        off_b, k_row0, S_seq, n_block = _sequence_block(CuSeqK, slot, num_seqs, search_steps, S, BLOCK_N)
+        q_row0, L_seq = _sequence_span(CuSeqQ, off_b, L)
+        diag = S_seq - L_seq
+        b_kvh = off_kvh
+    else:
+        num_n_blocks = tl.cdiv(S, BLOCK_N)
+        b_kvh = pid // num_n_blocks
+        n_block = pid % num_n_blocks
+        if IS_CAUSAL:
+            n_block = num_n_blocks - 1 - n_block  # the first key blocks see the most queries: start them first
+        off_b = b_kvh // Hkv
+        off_kvh = b_kvh % Hkv
+        k_row0 = 0
+        q_row0 = 0
+        S_seq = S
+        L_seq = L
     start_n = n_block * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    col_ok = offs_n[:, None] < S
+    col_ok = offs_n[:, None] < S_seq
 
     k = _load_rows(K + off_b.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh
-                   + offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                   offs_n, S, offs_d, HEAD_DIM, BLOCK_D, True)
+                   + (offs_n.to(tl.int64) + k_row0)[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                   offs_n, S_seq, offs_d, HEAD_DIM, BLOCK_D, True)
     v = _load_rows(V + off_b.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh
-                   + offs_n.to(tl.int64)[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                   offs_n, S, offs_dv, HEAD_DIM_V, BLOCK_DV, True)
+                   + (offs_n.to(tl.int64) + k_row0)[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                   offs_n, S_seq, offs_dv, HEAD_DIM_V, BLOCK_DV, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     qk_scale, cap_unit = _score_scale(scale, softcap, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP)
@@ -176,7 +198,11 @@ def _attn_bwd_dkdv_kernel(Q, K, V, dO, Mask, RngState, Alibi, ScoreLse, Delta, d
     BANDED: tl.constexpr = WINDOW_LEFT or RIGHT
 
     # Causal/window: query blocks outside [m_lo, m_hi) see none of these keys and are skipped.
-    m_lo, m_hi = _query_range(start_n, L, S, diag, win_left, win_right, WINDOW_LEFT, RIGHT, BLOCK_M, BLOCK_N)
+    m_lo, m_hi = _query_range(start_n, L_seq, S_seq, diag, win_left, win_right, WINDOW_LEFT, RIGHT, BLOCK_M,
+                              BLOCK_N)
+    if VARLEN:
+        # A surplus slot (no real key): visit no query block.
+        m_hi = tl.where(start_n >= S_seq, 0, m_hi)
 
     seed = 0
     philox_cols = offs_n.to(tl.int64)
@@ -184,18 +210,23 @@ def _attn_bwd_dkdv_kernel(Q, K, V, dO, Mask, RngState, Alibi, ScoreLse, Delta, d
         seed = tl.load(RngState)
     for g in range(0, GROUP):
         off_h = off_kvh * GROUP + g
-        bh = off_b * Hq + off_h
-        Q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
-        dO_base = dO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
-        ScoreLse_base = ScoreLse + bh.to(tl.int64) * L
-        Delta_base = Delta + bh.to(tl.int64) * L
+        if VARLEN:
+            row0 = off_h.to(tl.int64) * L + q_row0  # this head's row 0 of the sequence in the (Hq, Tq) arrays
+        else:
+            row0 = (off_b * Hq + off_h).to(tl.int64) * L
+        Q_base = (Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+                  + tl.cast(q_row0, tl.int64) * stride_qm)
+        dO_base = (dO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
+                   + tl.cast(q_row0, tl.int64) * stride_dom)
+        ScoreLse_base = ScoreLse + row0
+        Delta_base = Delta + row0
         mask_base = Mask
         if HAS_MASK:
             mask_base = (Mask + off_b.to(tl.int64) * stride_mask_b + off_h.to(tl.int64) * stride_mask_h
                          + offs_n.to(tl.int64)[:, None] * stride_mask_n)
         if HAS_DROPOUT:
             # Offset of (b, h, i, j) = base + ((b*Hq + h)*L + i)*S + j: the (b, h) and j parts here, i*S per block.
-            philox_cols = tl.load(RngState + 1) + bh.to(tl.int64) * L * S + offs_n
+            philox_cols = tl.load(RngState + 1) + row0 * S + k_row0 + offs_n
         slope = 0.0
         if HAS_ALIBI:
             slope = tl.load(Alibi + off_b.to(tl.int64) * stride_alibi_b + off_h * stride_alibi_h).to(tl.float32) * unit
@@ -204,9 +235,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, dO, Mask, RngState, Alibi, ScoreLse, Delta, d
         # the group loop cost ~50 more registers and spills at head dim 128 (static compile check), whereas the
         # causal/window/bound tests cost a compare and a select per score. A call without causality or a
         # window and with L a multiple of BLOCK_M (EVEN_M) compiles without any test.
-        if BANDED or not EVEN_M:
+        if BANDED or not EVEN_M or VARLEN:
             dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, dO_base, ScoreLse_base, Delta_base, mask_base, m_lo,
-                                          m_hi, offs_n, col_ok, L, S, stride_qm, stride_qd, stride_dom, stride_dod,
+                                          m_hi, offs_n, col_ok, L_seq, S, stride_qm, stride_qd, stride_dom, stride_dod,
                                           stride_mask_m, qk_scale, cap_unit, slope, diag, win_left, win_right, seed,
                                           philox_cols, dropout_p, DOT_PRECISION, HEAD_DIM, HEAD_DIM_V, BLOCK_M,
                                           BLOCK_D, BLOCK_DV, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP, HAS_ALIBI,
@@ -220,12 +251,16 @@ def _attn_bwd_dkdv_kernel(Q, K, V, dO, Mask, RngState, Alibi, ScoreLse, Delta, d
                                           WINDOW_LEFT, RIGHT, HAS_DROPOUT, False, DO_DK, DO_DV)
 
     # dK, dV are contiguous (B, Hkv, S, D) outputs of our own; only rows < S and columns < head dim are written.
-    b_kvh64 = b_kvh.to(tl.int64)
+    if VARLEN:
+        # (Tk, Hkv, D) contiguous: row (k_row0 + n) * Hkv + kv head.
+        out_rows = (k_row0 + offs_n.to(tl.int64)[:, None]) * Hkv + off_kvh
+    else:
+        out_rows = b_kvh.to(tl.int64) * S + offs_n[:, None]
     if DO_DK:
-        dk_ptrs = dK + (b_kvh64 * S + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
+        dk_ptrs = dK + out_rows * HEAD_DIM + offs_d[None, :]
         tl.store(dk_ptrs, (dk * scale).to(dK.dtype.element_ty), mask=col_ok & (offs_d[None, :] < HEAD_DIM))
     if DO_DV:
-        dv_ptrs = dV + (b_kvh64 * S + offs_n[:, None]) * HEAD_DIM_V + offs_dv[None, :]
+        dv_ptrs = dV + out_rows * HEAD_DIM_V + offs_dv[None, :]
         tl.store(dv_ptrs, dv.to(dV.dtype.element_ty), mask=col_ok & (offs_dv[None, :] < HEAD_DIM_V))
 
 
@@ -292,20 +327,23 @@ def _attn_bwd_dq_kernel(Q, K, V, dO, Mask, RngState, Alibi, ScoreLse, Delta, dQ,
                         HAS_ALIBI: tl.constexpr,
                         HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                         WRITE_DMASK: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dQ of one query block (and its rows of dmask), looping over key blocks like the forward."""
+                        BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CuSeqQ=None,
+                        CuSeqK=None, num_seqs=1, search_steps=0, VARLEN: tl.constexpr = False):
+    """dQ of one query block (and its rows of dmask), looping over key blocks like the forward. VARLEN: packed
+    sequences (tiles._query_block); ScoreLse and Delta are (Hq, Tq), dQ a contiguous (Tq, Hq, E)."""
     (bh, off_b, off_h, offs_m, row_ok, q, K_base, V_base, mask_base, seed, philox_rows, lo, plain_lo, plain_hi,
-     hi) = _query_block(Q, K, V, Mask, RngState, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh,
-                        stride_vb, stride_vh, stride_mask_b, stride_mask_h, stride_mask_m, Hq, L, S, GROUP, diag,
-                        win_left, win_right, HEAD_DIM, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK, HAS_DROPOUT,
-                        BLOCK_D, BLOCK_M, BLOCK_N)
+     hi, L, S, diag, q_row0, lse_row0) = _query_block(
+        Q, K, V, Mask, RngState, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_vb,
+        stride_vh, stride_mask_b, stride_mask_h, stride_mask_m, Hq, L, S, GROUP, diag, win_left, win_right, HEAD_DIM,
+        IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK, HAS_DROPOUT, BLOCK_D, BLOCK_M, BLOCK_N, stride_kn, stride_vn,
+        CuSeqQ, CuSeqK, num_seqs, search_steps, VARLEN)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     do = _load_rows(dO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
-                    + offs_m.to(tl.int64)[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                    + (offs_m.to(tl.int64) + q_row0)[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
                     offs_m, L, offs_dv, HEAD_DIM_V, BLOCK_DV, True)
-    score_lse = tl.load(ScoreLse + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(Delta + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
+    score_lse = tl.load(ScoreLse + lse_row0 + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(Delta + lse_row0 + offs_m, mask=row_ok, other=0.0)
     dmask_base = dMask
     if WRITE_DMASK:
         dmask_base = dMask + (bh.to(tl.int64) * L + offs_m.to(tl.int64)[:, None]) * S  # contiguous (B,Hq,L,S)
@@ -348,5 +386,8 @@ def _attn_bwd_dq_kernel(Q, K, V, dO, Mask, RngState, Alibi, ScoreLse, Delta, dQ,
                 offs_n = start_n + offs_n0
                 tl.store(dmask_base + offs_n[None, :], zeros, mask=row_ok[:, None] & (offs_n[None, :] < S))
 
-    dq_ptrs = dQ + (bh.to(tl.int64) * L + offs_m[:, None]) * HEAD_DIM + offs_d[None, :]
+    if VARLEN:
+        dq_ptrs = dQ + ((q_row0 + offs_m.to(tl.int64)[:, None]) * Hq + off_h) * HEAD_DIM + offs_d[None, :]
+    else:
+        dq_ptrs = dQ + (bh.to(tl.int64) * L + offs_m[:, None]) * HEAD_DIM + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(dQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))

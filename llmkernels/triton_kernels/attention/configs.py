@@ -187,6 +187,25 @@ _EXCLUDED = [
      "spills 24 B on sm_80 under triton 3.6 since the score-rule edit of the dQ kernel; M64 N32 w8 s2 kept"),
 ]
 
+# Packed variable-length calls (VARLEN mode, varlen_launch.py) take the tables above minus the configs that spill
+# in that mode (the sequence search and per-sequence offsets are a few more live registers): (arch family,
+# precision, kernel, head-dim bucket, variant, score-rule flags) -> (BLOCK_M, BLOCK_N, warps, stages) not offered.
+# fp32 varlen does not run on a GPU at all (dispatch declines it): its dropout configs spill in every kernel.
+_VARLEN_DROPPED = {
+    (80, "half", "fwd", 128, "base", False): [(128, 32, 8, 2)],
+    (90, "half", "fwd", 256, "base", False): [(128, 32, 8, 2)],
+}
+_VARLEN_EXCLUDED = [
+    (80, "attn_fwd varlen fp16/bf16 head dim 65-128, M128 N32 w8 s2", "spills 8 B in the VARLEN mode on sm_80 "
+     "under triton 3.8; M64 N32 w4 s3 kept for varlen calls"),
+    (90, "attn_fwd varlen fp16/bf16 head dim 129-256, M128 N32 w8 s2", "spills 40 B in the VARLEN mode on sm_90 "
+     "under triton 3.8; M64 N32 w8 s2 kept for varlen calls"),
+] + [
+    (arch, "attn_fwd/attn_dkdv/attn_dq varlen fp32 with dropout (M32 N16 w4, M16 N16 w4/w8, M32 N16 w8)",
+     "spill 8-360 B in the VARLEN mode under triton 3.8; fp32 varlen runs on the reference backend on a GPU")
+    for arch in (80, 90)
+]
+
 PREPROCESS_BLOCK_M = 64
 
 
@@ -216,6 +235,13 @@ _RULE_FLAG_NAMES = ("WINDOW_LEFT", "WINDOW_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI", "
 
 def _has_rule_flags(args: dict) -> bool:
     return any(args.get(name, False) for name in _RULE_FLAG_NAMES)
+
+
+def _varlen_configs_for(arch: int, kernel: str, precision: str, bucket: int, variant: str, rule: bool = False):
+    """The configs offered to VARLEN calls: _configs_for minus _VARLEN_DROPPED."""
+    configs = _configs_for(arch, kernel, precision, bucket, variant, rule)
+    dropped = _VARLEN_DROPPED.get((_arch_family(arch), precision, kernel, bucket, variant, bool(rule)), [])
+    return None if configs is None else [c for c in configs if _config_key(c) not in dropped]
 
 
 def _all_configs(arch: int, kernel: str) -> list:
@@ -248,17 +274,19 @@ def _make_prune(arch: int, kernel: str):
         args = {**named_args, **kwargs}
         bucket = _head_bucket(max(args["BLOCK_D"], args["BLOCK_DV"]))
         variant = "dropout" if args["HAS_DROPOUT"] else "base"
+        choose = _varlen_configs_for if args.get("VARLEN", False) else _configs_for
         wanted = {_config_key(c)
-                  for c in _configs_for(arch, kernel, _precision_class(args["Q"].dtype), bucket, variant,
-                                        _has_rule_flags(args))}
+                  for c in choose(arch, kernel, _precision_class(args["Q"].dtype), bucket, variant,
+                                  _has_rule_flags(args))}
         return [c for c in configs if _config_key(c) in wanted]
     return prune
 
 
 # The score rule's flags are keys too (a window changes which config is fastest); HAS_SINKS exists in the forward
-# only, and the autotuner skips key names a kernel does not have.
+# only, and the autotuner skips key names a kernel does not have. VARLEN (packed sequences, varlen_launch.py) gets
+# its own tuning: L_BUCKET / S_BUCKET are then those of max_seqlen.
 _TUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "HAS_MASK", "HAS_DROPOUT", "L_BUCKET", "S_BUCKET", "WINDOW_LEFT",
-             "WINDOW_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_SINKS"]
+             "WINDOW_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_SINKS", "VARLEN"]
 _DKDV_TUNE_KEY = _TUNE_KEY + ["DO_DK", "DO_DV"]
 
 
@@ -285,7 +313,7 @@ def _split_dkdv(block_d: int, dtype) -> bool:
 def excluded_configs(arch: int) -> list:
     """(config, reason) for the configs deliberately not offered on sm_<arch> (they spill or do not fit)."""
     return [(desc, reason) for (a, desc, reason) in _EXCLUDED + _RULE_EXCLUDED + _TMA_EXCLUDED + FUSED_EXCLUDED
-            if _arch_family(arch) == a]
+            + _VARLEN_EXCLUDED if _arch_family(arch) == a]
 
 
 # The descriptor (TMA) forward of forward_tma.py on sm_90, fp16/bf16: candidates the autotuner tries *beside* the

@@ -83,12 +83,15 @@ def _attn_fwd_kernel(Q, K, V, Mask, RngState, Alibi, Sinks, Out, Lse,
                      HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
                      HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CuSeqQ=None, CuSeqK=None, num_seqs=1,
+                     search_steps=0, VARLEN: tl.constexpr = False):
+    """VARLEN: packed sequences (tiles._query_block, seqlens.py); Out is a (1, Hq, Tq, Ev) view, Lse (Hq, Tq)."""
     (bh, off_b, off_h, offs_m, row_ok, q, K_base, V_base, mask_base, seed, philox_rows, lo, plain_lo, plain_hi,
-     hi) = _query_block(Q, K, V, Mask, RngState, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh,
-                        stride_vb, stride_vh, stride_mask_b, stride_mask_h, stride_mask_m, Hq, L, S, GROUP, diag,
-                        win_left, win_right, HEAD_DIM, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK, HAS_DROPOUT,
-                        BLOCK_D, BLOCK_M, BLOCK_N)
+     hi, L, S, diag, q_row0, lse_row0) = _query_block(
+        Q, K, V, Mask, RngState, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_vb,
+        stride_vh, stride_mask_b, stride_mask_h, stride_mask_m, Hq, L, S, GROUP, diag, win_left, win_right, HEAD_DIM,
+        IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK, HAS_DROPOUT, BLOCK_D, BLOCK_M, BLOCK_N, stride_kn, stride_vn,
+        CuSeqQ, CuSeqK, num_seqs, search_steps, VARLEN)
     offs_dv = tl.arange(0, BLOCK_DV)
     qk_scale, cap_unit = _score_scale(scale, softcap, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP)
     unit = _score_unit(HAS_MASK, MASK_IS_BOOL)
@@ -144,6 +147,6 @@ def _attn_fwd_kernel(Q, K, V, Mask, RngState, Alibi, Sinks, Out, Lse,
         # through log2(e) and ln(2) roundings.
         lse = tl.where((m_i == sink) & (l_i == 1.0), sink_logit, lse)
     o_ptrs = (Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
-              + offs_m.to(tl.int64)[:, None] * stride_om + offs_dv[None, :] * stride_od)
+              + (offs_m.to(tl.int64) + q_row0)[:, None] * stride_om + offs_dv[None, :] * stride_od)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
-    tl.store(Lse + bh.to(tl.int64) * L + offs_m, lse, mask=row_ok)
+    tl.store(Lse + lse_row0 + offs_m, lse, mask=row_ok)

@@ -220,8 +220,9 @@ def _needs_dense_backward(q, E, Ev, dropout_p, rule=None) -> bool:
 
 
 def _dense_backward(grad_out, q, k, v, lse, grad_lse, mask, dropout_p, is_causal, scale, rng_state,
-                    mask_needs_grad, rule=None, grad_dtype=None):
-    """The same backward in dense PyTorch, in fp32, with our Philox keep pattern; lse enters through grad_lse.
+                    mask_needs_grad, rule=None, grad_dtype=None, keep=None):
+    """The same backward in dense PyTorch, in fp32, with our Philox keep pattern (or ``keep``, a bool tensor
+    broadcastable to (B, Hq, L, S): varlen_launch passes each packed sequence's); lse enters through grad_lse.
 
     Used only where every Triton config of the backward spills (fp32 at head dims above 128; fp16/bf16 with
     dropout at head dims above 128 on sm_90), and for float-mask and ALiBi calls with a row whose lse fp32 cannot
@@ -255,7 +256,9 @@ def _dense_backward(grad_out, q, k, v, lse, grad_lse, mask, dropout_p, is_causal
     dp = torch.einsum("bhld,bhsd->bhls", d_out, values)
     p_dropped = p
     if dropout_p > 0.0:
-        keep = dropout_keep_mask(rng_state, B, Hq, L, S, dropout_p, q.device).to(f32) / (1.0 - dropout_p)
+        if keep is None:
+            keep = dropout_keep_mask(rng_state, B, Hq, L, S, dropout_p, q.device)
+        keep = keep.to(f32) / (1.0 - dropout_p)
         p_dropped, dp = p * keep, dp * keep
     delta = (p * dp).sum(dim=-1, keepdim=True)
     if grad_lse is not None:

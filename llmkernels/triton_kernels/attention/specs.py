@@ -13,7 +13,7 @@ from ..compile_check import CompileSpec
 from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
 from .backward_fused import _attn_bwd_dq_convert_kernel, _attn_bwd_fused_kernel
 from .configs import (FUSED_CONFIGS, FUSED_RULE_CONFIGS, PREPROCESS_BLOCK_M, _TMA_FWD_SM90, _configs_for,
-                      _precision_class, _split_dkdv, _tma_configs_for)
+                      _precision_class, _split_dkdv, _tma_configs_for, _varlen_configs_for)
 from .forward import _attn_fwd_kernel
 from .forward_tma import _attn_fwd_tma_kernel
 
@@ -29,7 +29,7 @@ def _spec(name, fn, args: dict, cfg, expect_mma: bool):
     signature, constexprs, attrs = {}, {}, {}
     for index, param in enumerate(fn.params):
         arg, value = param.name, args[param.name]
-        if param.is_constexpr:
+        if param.is_constexpr or value is None:  # None (an absent optional pointer) is a constant, as in the JIT
             signature[arg], constexprs[arg] = "constexpr", value
         elif isinstance(value, str):
             signature[arg] = value
@@ -62,6 +62,9 @@ _FLAG_SETS = {
 # its gradient factor live in the backward), ALiBi and sinks.
 _RULE_FLAGS = dict(WINDOW_LEFT=True, WINDOW_RIGHT=False, HAS_SOFTCAP=True, HAS_ALIBI=True, HAS_SINKS=True)
 _NO_RULE = dict(WINDOW_LEFT=False, WINDOW_RIGHT=False, HAS_SOFTCAP=False, HAS_ALIBI=False, HAS_SINKS=False)
+# Packed variable-length calls (VARLEN, varlen_launch.py): no mask and no sinks exist there, the cu_seqlens search
+# and per-sequence offsets are the extra code; (T, H, D) tensors as (1, H, T, D) views (batch stride 0).
+_VARLEN_FLAGS = dict(HAS_MASK=False, MASK_IS_BOOL=False, HAS_SINKS=False, VARLEN=True)
 
 
 def _common_args(dtype, head_dim, flags):
@@ -72,6 +75,8 @@ def _common_args(dtype, head_dim, flags):
     for prefix in ("q", "k", "v", "o", "do"):
         for suffix, value in zip(("b", "h", "m" if prefix in ("q", "o", "do") else "n", "d"), t_strides):
             names[f"stride_{prefix}{suffix}"] = value
+    if flags.get("VARLEN"):
+        t_strides = (0, D, H * D, 1)
     mask_strides = (0, 0, L, 1) if flags.get("HAS_MASK") else (0, 0, 0, 0)
     for suffix, value in zip(("b", "h", "m", "n"), mask_strides):
         names[f"stride_mask_{suffix}"] = value
@@ -83,7 +88,11 @@ def _common_args(dtype, head_dim, flags):
                  stride_alibi_h=1, stride_sinks=1,
                  Hq=H, Hkv=H // 2, L=L, S=L, GROUP=2, scale=0.1, dropout_p=0.1, L_BUCKET=L, S_BUCKET=L,
                  HEAD_DIM=D, HEAD_DIM_V=D, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-                 BLOCK_D=D, BLOCK_DV=D, EVEN_M=L % 128 == 0, DO_DK=True, DO_DV=True, **flags)
+                 BLOCK_D=D, BLOCK_DV=D, EVEN_M=L % 128 == 0, DO_DK=True, DO_DV=True, CuSeqQ=None, CuSeqK=None,
+                 num_seqs=1, search_steps=0, VARLEN=False)
+    if flags.get("VARLEN"):
+        names.update(CuSeqQ="*i32", CuSeqK="*i32", num_seqs=64, search_steps=6)
+    names.update(flags)
     return names
 
 
@@ -96,7 +105,9 @@ def compile_specs(arch: int) -> list:
     the preprocess kernel. Head dims below 64 share the 64 bucket and are
     compiled at 64 (its largest tiles); E != Ev takes the bucket of the larger. Where dK and dV are split
     (_split_dkdv), each of the two launches is a spec. Where fp32 offers one config list for both variants, it is
-    compiled with dropout only (the heavier flags)."""
+    compiled with dropout only (the heavier flags). Each of these is compiled a second time in the VARLEN mode
+    (packed sequences, ``_VARLEN_FLAGS``; names with " varlen") for fp16, with the configs varlen calls are
+    offered (``configs._varlen_configs_for``)."""
     specs = []
     for kernel, fn in _KERNELS.items():
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
@@ -110,20 +121,30 @@ def compile_specs(arch: int) -> list:
                     if (precision == "fp32" and variant == "base"
                             and configs == _configs_for(arch, kernel, precision, bucket, "dropout", rule)):
                         continue  # fp32 offers one list for both variants: its dropout specs bound the base calls
-                    for cfg in configs:
-                        for do_dk, do_dv in parts:
-                            flags = dict(_FLAG_SETS[variant], **(_RULE_FLAGS if rule else _NO_RULE))
-                            if kernel == "dq":
-                                flags["WRITE_DMASK"] = True
-                            args = _common_args(dtype, bucket, flags)
-                            args.update(BLOCK_M=cfg.kwargs["BLOCK_M"], BLOCK_N=cfg.kwargs["BLOCK_N"], DO_DK=do_dk,
-                                        DO_DV=do_dv)
-                            part = "" if (do_dk and do_dv) else (" dK" if do_dk else " dV")
-                            name = (f"attn_{kernel}{part} {_TRITON_DTYPE[dtype]} d{bucket} {variant}"
-                                    f"{' rule' if rule else ''} "
-                                    f"M{cfg.kwargs['BLOCK_M']} N{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} "
-                                    f"s{cfg.num_stages}")
-                            specs.append(_spec(name, fn, args, cfg, expect_mma=dtype != torch.float32))
+                    # VARLEN: fp16 only (bf16 compiles to the same tiles, only the mma operand type differs, and
+                    # its dense specs cover it; fp32 varlen does not run on a GPU, see configs._VARLEN_EXCLUDED),
+                    # with the configs offered to varlen calls.
+                    varlen_keys = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in
+                                   _varlen_configs_for(arch, kernel, precision, bucket, variant, rule) or []]
+                    modes = (False, True) if dtype == torch.float16 else (False,)
+                    for cfg, (do_dk, do_dv), varlen in ((c, p, m) for c in configs for p in parts for m in modes
+                                                        if not m or (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
+                                                                     c.num_warps, c.num_stages) in varlen_keys):
+                        flags = dict(_FLAG_SETS[variant], **(_RULE_FLAGS if rule else _NO_RULE))
+                        if kernel == "dq":
+                            flags["WRITE_DMASK"] = not varlen
+                        if varlen:
+                            flags.update(_VARLEN_FLAGS)
+                        args = _common_args(dtype, bucket, flags)
+                        args.update(BLOCK_M=cfg.kwargs["BLOCK_M"], BLOCK_N=cfg.kwargs["BLOCK_N"], DO_DK=do_dk,
+                                    DO_DV=do_dv)
+                        part = "" if (do_dk and do_dv) else (" dK" if do_dk else " dV")
+                        name = (f"attn_{kernel}{part}{' varlen' if varlen else ''} {_TRITON_DTYPE[dtype]} "
+                                f"d{bucket} {variant}"
+                                f"{' rule' if rule else ''} "
+                                f"M{cfg.kwargs['BLOCK_M']} N{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} "
+                                f"s{cfg.num_stages}")
+                        specs.append(_spec(name, fn, args, cfg, expect_mma=dtype != torch.float32))
     specs += _tma_fwd_specs(arch)
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for natural, tag in ((False, ""), (True, " float-mask")):  # the lse in base-2 / natural score units

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from .ranges import _key_range, _visible
+from .seqlens import _sequence_block, _sequence_span
 
 
 @triton.jit
@@ -83,6 +84,21 @@ def _dropout_keep_mask_kernel(RngState, Keep, L, S, dropout_p, BLOCK_M: tl.const
     philox_rows = tl.load(RngState + 1) + (bh.to(tl.int64) * L + offs_m) * S
     keep = _dropout_keep(seed, philox_rows[:, None], offs_n[None, :].to(tl.int64), dropout_p)
     ptrs = Keep + (bh.to(tl.int64) * L + offs_m[:, None]) * S + offs_n[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < L) & (offs_n[None, :] < S))
+
+
+@triton.jit
+def _varlen_keep_mask_kernel(RngState, Keep, q_row0, k_row0, Tq, Tk, L, S, dropout_p, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr):
+    """Write the keep pattern (Hq, L, S) of one packed sequence (rows q_row0.., keys k_row0..) with the offsets of
+    the VARLEN kernels: row h * Tq + q_row0 + i, column k_row0 + j of the whole (Hq, Tq, Tk) score matrix."""
+    h = tl.program_id(2)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    seed = tl.load(RngState)
+    philox_rows = tl.load(RngState + 1) + (h.to(tl.int64) * Tq + q_row0 + offs_m) * Tk + k_row0
+    keep = _dropout_keep(seed, philox_rows[:, None], offs_n[None, :].to(tl.int64), dropout_p)
+    ptrs = Keep + (h.to(tl.int64) * L + offs_m[:, None]) * S + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < L) & (offs_n[None, :] < S))
 
 
@@ -182,27 +198,55 @@ def _query_block(Q, K, V, Mask, RngState, stride_qb, stride_qh, stride_qm, strid
                  stride_vb, stride_vh, stride_mask_b, stride_mask_h, stride_mask_m, Hq, L, S, GROUP, diag,
                  win_left, win_right, HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr,
                  WINDOW_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, stride_kn, stride_vn,
+                 CuSeqQ, CuSeqK, num_seqs, search_steps, VARLEN: tl.constexpr):
     """The opening of a kernel with one program per (query block, batch*head), the forward and dQ: which block
     this program owns, its Q tile, the bases of its K/V head and mask rows, its Philox state, and the key range.
 
     Returns (bh, off_b, off_h, offs_m, row_ok, q, K_base, V_base, mask_base, seed, philox_rows, lo, plain_lo,
-    plain_hi, hi): keys [plain_lo, plain_hi) need no per-element test (in bounds and visible to every row of
-    this block under the causal/window rule), keys [lo, plain_lo) (a window's left edge) and [plain_hi, hi) (the
-    causal diagonal, a window's right edge, the ragged last block) do; keys outside [lo, hi) are never visited
-    (ranges._key_range).
+    plain_hi, hi, L, S, diag, q_row0, lse_row0): keys [plain_lo, plain_hi) need no per-element test (in bounds
+    and visible to every row of this block under the causal/window rule), keys [lo, plain_lo) (a window's left
+    edge) and [plain_hi, hi) (the causal diagonal, a window's right edge, the ragged last block) do; keys outside
+    [lo, hi) are never visited (ranges._key_range). L, S, diag: the lengths and diagonal offset of this
+    program's score matrix; q_row0: the row of Q/Out/dO its local row 0 is; lse_row0: the index of its local row
+    0 in the (rows of) lse, delta and dQ.
+
+    VARLEN (packed sequences, seqlens.py): the tensors arrive as one batch, (1, H, T, D) views of (T, H, D), with
+    L = Tq and S = Tk; the program slot gives the sequence (off_b is its index, for the ALiBi slopes; the batch
+    strides are 0), whose rows start at q_row0 / k_row0 and whose lengths become L and S; the alignment is
+    always bottom-right (diag = S - L per sequence, the passed diag is unused). The dropout offsets stay those of
+    the whole (Hq, Tq, Tk) score matrix: row h * Tq + q_row0 + i, column k_row0 + j.
     """
     # One flat grid axis (CUDA's second and third axes stop at 65535): query blocks of one head are
     # neighbours, so they share that head's K/V in L2. Causal: the longest rows (last query blocks) start first,
     # so the short ones fill the tail of the launch.
-    num_m_blocks = tl.cdiv(L, BLOCK_M)
     pid = tl.program_id(0)
-    bh = pid // num_m_blocks
-    m_block = pid % num_m_blocks
-    if IS_CAUSAL:
-        m_block = num_m_blocks - 1 - m_block
-    off_b = bh // Hq
-    off_h = bh % Hq
+    if VARLEN:
+        num_slots = L // BLOCK_M + num_seqs
+        off_h = pid // num_slots
+        slot = pid % num_slots
+        if IS_CAUSAL:
+            slot = num_slots - 1 - slot
+        off_b, q_row0, L_seq, m_block = _sequence_block(CuSeqQ, slot, num_seqs, search_steps, L, BLOCK_M)
+        k_row0, S_seq = _sequence_span(CuSeqK, off_b, S)
+        lse_row0 = off_h.to(tl.int64) * L + q_row0
+        philox_stride = S  # the whole score matrix's row length (Tk)
+        L = L_seq
+        S = S_seq
+        diag = S - L
+        bh = off_h
+    else:
+        num_m_blocks = tl.cdiv(L, BLOCK_M)
+        bh = pid // num_m_blocks
+        m_block = pid % num_m_blocks
+        if IS_CAUSAL:
+            m_block = num_m_blocks - 1 - m_block
+        off_b = bh // Hq
+        off_h = bh % Hq
+        q_row0 = 0
+        k_row0 = 0
+        lse_row0 = bh.to(tl.int64) * L
+        philox_stride = S
     off_kvh = off_h // GROUP
     start_m = m_block * BLOCK_M
 
@@ -211,10 +255,13 @@ def _query_block(Q, K, V, Mask, RngState, stride_qb, stride_qh, stride_qm, strid
     row_ok = offs_m < L
     # Batch/head offsets in int64: a tensor may pass 2^31 elements.
     q_ptrs = (Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
-              + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+              + (offs_m.to(tl.int64) + q_row0)[:, None] * stride_qm + offs_d[None, :] * stride_qd)
     q = _load_rows(q_ptrs, offs_m, L, offs_d, HEAD_DIM, BLOCK_D, True)
     K_base = K + off_b.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh
     V_base = V + off_b.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh
+    if VARLEN:
+        K_base += tl.cast(k_row0, tl.int64) * stride_kn
+        V_base += tl.cast(k_row0, tl.int64) * stride_vn
     mask_base = Mask
     if HAS_MASK:
         mask_base = (Mask + off_b.to(tl.int64) * stride_mask_b + off_h.to(tl.int64) * stride_mask_h
@@ -223,9 +270,16 @@ def _query_block(Q, K, V, Mask, RngState, stride_qb, stride_qh, stride_qm, strid
     philox_rows = offs_m.to(tl.int64)
     if HAS_DROPOUT:
         seed = tl.load(RngState)
-        philox_rows = tl.load(RngState + 1) + (bh.to(tl.int64) * L + offs_m) * S
+        philox_rows = tl.load(RngState + 1) + (lse_row0 + offs_m) * philox_stride + k_row0
 
     lo, plain_lo, plain_hi, hi = _key_range(start_m, L, S, diag, win_left, win_right, WINDOW_LEFT,
                                             IS_CAUSAL or WINDOW_RIGHT, BLOCK_M, BLOCK_N)
+    if VARLEN:
+        # A surplus slot (no real row): visit no key block.
+        no_rows = start_m >= L
+        lo = tl.where(no_rows, 0, lo)
+        plain_lo = tl.where(no_rows, 0, plain_lo)
+        plain_hi = tl.where(no_rows, 0, plain_hi)
+        hi = tl.where(no_rows, 0, hi)
     return (bh, off_b, off_h, offs_m, row_ok, q, K_base, V_base, mask_base, seed, philox_rows, lo, plain_lo,
-            plain_hi, hi)
+            plain_hi, hi, L, S, diag, q_row0, lse_row0)
