@@ -99,12 +99,13 @@ def _attn_fwd_tma_kernel(Q, K, V, Mask, RngState, Alibi, Sinks, Out, Lse,
     else:
         # The opening shared with forward.py (program -> query block, mask rows, Philox rows, key range). Its
         # pointer load of the Q tile has no use here (Q comes from the descriptor), and the compiler drops it.
+        # Dense calls only (VARLEN off): L, S and diag come back unchanged.
         (bh, off_b, off_h, offs_m, row_ok, q_unused, K_base, V_base, mask_base, seed, philox_rows, lo, plain_lo,
-         plain_hi, hi) = _query_block(Q, K, V, Mask, RngState, stride_qb, stride_qh, stride_qm, stride_qd,
-                                      stride_kb, stride_kh, stride_vb, stride_vh, stride_mask_b, stride_mask_h,
-                                      stride_mask_m, Hq, L, S, GROUP, diag, win_left, win_right, HEAD_DIM,
-                                      IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK, HAS_DROPOUT, BLOCK_D,
-                                      BLOCK_M, BLOCK_N)
+         plain_hi, hi, L, S, diag, _q_row0, _lse_row0) = _query_block(
+            Q, K, V, Mask, RngState, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_vb,
+            stride_vh, stride_mask_b, stride_mask_h, stride_mask_m, Hq, L, S, GROUP, diag, win_left, win_right,
+            HEAD_DIM, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK, HAS_DROPOUT, BLOCK_D, BLOCK_M, BLOCK_N,
+            stride_kn, stride_vn, None, None, 1, 0, False)
         off_kvh = off_h // GROUP
         # The block's first row, taken from the opening's rows so the two can never disagree (one reduction per
         # program, outside the key loop).
