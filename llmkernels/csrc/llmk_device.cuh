@@ -243,33 +243,12 @@ __device__ __forceinline__ float block_sum(float v, float* red) { return block_r
 // memory; global element (r, c) is base[r * rs + c * cs] for r < nrows, c < ncols, and zero elsewhere (the zero
 // padding is what lets the matrix products run over whole 16-wide steps). `vec` (checked on the host: cs == 1,
 // base pointer and every other stride 16-byte aligned) allows 16-byte accesses; a chunk that crosses ncols is
-// read element by element.
+// read element by element. Tiles are loaded with load_tile_async (below).
 
 template <typename T>
 struct Vec {
   static constexpr int N = 16 / sizeof(T);
 };
-
-template <typename T, int ROWS, int COLS, int NTHREADS>
-__device__ __forceinline__ void load_tile(T* smem, int ld, const T* base, int64_t rs, int64_t cs, int nrows,
-                                          int ncols, bool vec) {
-  constexpr int V = Vec<T>::N;
-  static_assert(COLS % V == 0, "tile width must be a multiple of the vector width");
-  constexpr int CHUNKS = ROWS * (COLS / V);
-  for (int idx = threadIdx.x; idx < CHUNKS; idx += NTHREADS) {
-    const int r = idx / (COLS / V);
-    const int c = (idx % (COLS / V)) * V;
-    T* dst = smem + r * ld + c;
-    if (vec && r < nrows && c + V <= ncols) {
-      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(base + r * rs + c);
-    } else {
-#pragma unroll
-      for (int e = 0; e < V; ++e) {
-        dst[e] = (r < nrows && c + e < ncols) ? base[r * rs + static_cast<int64_t>(c + e) * cs] : Num<T>::from_f(0.f);
-      }
-    }
-  }
-}
 
 // Asynchronous tile loads (cp.async, sm_80+), for the double-buffered K/V (forward) and Q/dO (backward) tiles:
 // a thread issues 16-byte global -> shared copies that complete in the background while the warps compute on the
@@ -313,10 +292,11 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
-// load_tile's contract with the 16-byte chunks issued as cp.async: chunks that are whole, inside the tile and
-// vec-aligned go asynchronously; chunks past nrows / ncols are zero-filled and chunks that cross ncols (odd head
-// dims) or tensors without vec are read element by element, synchronously, by plain stores into the same buffer
-// (so they obey the same refill rule). The bytes in shared memory are load_tile's, so results are bitwise the same.
+// Loads a tile (the contract above) in 16-byte chunks: a chunk that is whole, inside the tile and vec-aligned is
+// one cp.async; chunks past nrows / ncols are zero-filled, and chunks that cross ncols (odd head dims) or of
+// tensors without vec are read element by element, synchronously, by plain stores into the same buffer (so they
+// obey the same refill rule). The bytes that land in shared memory are those of the synchronous loads these
+// replace, so the results are bitwise the same.
 template <typename T, int ROWS, int COLS, int NTHREADS>
 __device__ __forceinline__ void load_tile_async(T* smem, int ld, const T* base, int64_t rs, int64_t cs, int nrows,
                                                 int ncols, bool vec) {
