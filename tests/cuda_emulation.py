@@ -22,7 +22,8 @@ becomes an OS thread:
 What this checks: indexing, tiling and masking, the online softmax, barriers placed where the data flow needs
 them, the backward math, GQA, dropout's regeneration, the host-side parameters. What it cannot check: data races
 that barriers would hide anyway, the hardware's MMA layout (the emulated layout is the one the kernels assume),
-memory-model and timing issues, performance, whether copies really overlap the products. Blocks run one after another, so it is for small shapes.
+memory-model and timing issues, performance, whether copies really overlap the products. Blocks run one after
+another, so it is for small shapes.
 """
 
 from __future__ import annotations

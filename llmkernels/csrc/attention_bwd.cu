@@ -9,8 +9,9 @@
 //   dK += scale * dS^T Q,  dQ += scale * dS K  (dQ through fp32 atomics: other blocks own other keys)
 // dK and dV accumulate in fp32 shared memory, each element owned by one thread (no races, no atomics), and the
 // GQA sum over query heads happens in the same accumulators. The Q and dO tiles stream through two buffers with
-// cp.async where shared memory allows (pipeline_next): the next pair loads during this one's products. When the float mask needs a gradient, dS is
-// written out as dmask; every (row, key) pair of the block's keys is then visited so every element is written.
+// cp.async where shared memory allows (pipeline_next): the next pair loads during this one's products. When the
+// float mask needs a gradient, dS is written out as dmask; every (row, key) pair of the block's keys is then visited
+// so every element is written.
 #include "llmk_device.cuh"
 
 namespace llmk {

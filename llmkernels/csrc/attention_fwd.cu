@@ -1,8 +1,9 @@
 // Attention forward, FlashAttention-2 structure (Dao 2023): one block per (batch, query head, BM query rows);
 // the Q tile stays in shared memory while K/V tiles of BN keys stream through it (two buffers with cp.async where
-// shared memory allows, so that the next tile loads during this one's products: pipeline_next); each warp owns 16 query rows
-// and keeps their online-softmax state (running max m, running sum l, in ScoreUnits) and output accumulator in fp32
-// registers. S = Q K^T and O += P V are warp tile products (tensor cores for fp16/bf16, see WarpGemm).
+// shared memory allows, so that the next tile loads during this one's products: pipeline_next); each warp owns 16
+// query rows and keeps their online-softmax state (running max m, running sum l, in ScoreUnits) and output
+// accumulator in fp32 registers. S = Q K^T and O += P V are warp tile products (tensor cores for fp16/bf16, see
+// WarpGemm).
 //
 // Head dims are handled by three buckets (64, 128, 256) per dtype, with the padding columns zero-filled, so the
 // build has 9 forward instances, not one per head size.
@@ -97,7 +98,6 @@ attn_fwd_kernel(const AttnFwdParams p) {
       return;
     }
   }
-
 
   uint64_t seed = 0, offset = 0;
   if (p.dropout_p > 0.f) {
