@@ -342,8 +342,9 @@ def _cuobjdump() -> Optional[str]:
 
 
 def _sass_facts(so_path: str) -> dict:
-    """{(mangled kernel, arch): {"mma": n, "local_ops": n}} from the SASS in the library: HMMA (Ampere-style
-    tensor-core MMA, also what mma.sync becomes on Hopper) / HGMMA counts, and LDL/STL (local memory) counts."""
+    """{(mangled kernel, arch): {"mma": n, "local_ops": n, "async_copies": n}} from the SASS in the library: HMMA
+    (Ampere-style tensor-core MMA, also what mma.sync becomes on Hopper) / HGMMA counts, LDL/STL (local memory)
+    counts, and LDGSTS counts (cp.async: global -> shared copies that do not pass through registers)."""
     tool = _cuobjdump()
     if tool is None:
         return {}
@@ -357,13 +358,15 @@ def _sass_facts(so_path: str) -> dict:
         m = re.match(r"\s*Function : (\S+)", line)
         if m:
             fn = (m.group(1), arch)
-            facts[fn] = {"mma": 0, "local_ops": 0}
+            facts[fn] = {"mma": 0, "local_ops": 0, "async_copies": 0}
             continue
         if fn is not None:
             if re.search(r"\b(HMMA|HGMMA)\b", line):
                 facts[fn]["mma"] += 1
             if re.search(r"\b(LDL|STL)\b", line):
                 facts[fn]["local_ops"] += 1
+            if re.search(r"\bLDGSTS\b", line):
+                facts[fn]["async_copies"] += 1
     return facts
 
 
@@ -388,21 +391,29 @@ def _res_usage(so_path: str) -> dict:
     return usage
 
 
-def _dynamic_smem(kernel: str) -> Optional[int]:
-    """Dynamic shared memory of an attention kernel instance, from its template arguments."""
+# Shared memory a block may opt into, per arch the report covers (A100, H100/H200): the attention kernels take two
+# buffers of their streamed tiles where these fit (llmk::attn_stages), which the report's smem column follows.
+SMEM_OPTIN = {80: 163 * 1024, 90: 227 * 1024}
+
+
+def _dynamic_smem(kernel: str, arch: int) -> Optional[int]:
+    """Dynamic shared memory of an attention kernel instance on `arch`, from its template arguments."""
     m = re.search(r"attn_(fwd|bwd)_kernel<(__half|__nv_bfloat16|float), (\d+)>", kernel)
     if not m:
         return None
     dtype = {"__half": torch.float16, "__nv_bfloat16": torch.bfloat16, "float": torch.float32}[m.group(2)]
     D = int(m.group(3))
-    return attention_config(dtype, D, D, m.group(1) == "bwd")["smem_bytes"]
+    cfg = attention_config(dtype, D, D, m.group(1) == "bwd")
+    pipelined = cfg["smem_bytes_pipelined"] <= SMEM_OPTIN.get(arch, 0)
+    return cfg["smem_bytes_pipelined"] if pipelined else cfg["smem_bytes"]
 
 
 def kernel_report(archs=(80, 90)) -> list:
     """One dict per (kernel, arch) of the built extension: kernel (demangled), arch, registers, spill_stores and
     spill_loads (bytes, from ptxas; None when no build log exists, e.g. a setup.py build), local_bytes (local
-    memory per thread, where spills live), smem (static + dynamic shared memory per block), uses_mma (tensor-core
-    instructions in the SASS). Builds the extension if needed; needs no GPU."""
+    memory per thread, where spills live), smem (static + dynamic shared memory per block, with the tile buffers the
+    arch gets), uses_mma (tensor-core instructions in the SASS), async_copies (cp.async instructions, LDGSTS, in the
+    SASS). Builds the extension if needed; needs no GPU."""
     so = module_path()
     log = build_log_path()
     ptxas = parse_ptxas_log(log.read_text()) if log.exists() and so and str(log.parent) in so else []
@@ -428,19 +439,20 @@ def kernel_report(archs=(80, 90)) -> list:
             "stack": e["stack"] if e else u.get("stack"),
             "local_bytes": u.get("local"),
             "local_ops": s.get("local_ops"),
-            "smem": static + (_dynamic_smem(kernel) or 0),
+            "smem": static + (_dynamic_smem(kernel, arch) or 0),
             "uses_mma": bool(s.get("mma")) if s else None,
+            "async_copies": s.get("async_copies"),
         })
     return rows
 
 
 def format_report(rows: list) -> str:
-    lines = [f"{'arch':<6} {'regs':>4} {'spill st/ld':>11} {'local':>5} {'smem':>7} {'mma':>3}  kernel"]
+    lines = [f"{'arch':<6} {'regs':>4} {'spill st/ld':>11} {'local':>5} {'smem':>7} {'mma':>3} {'ldgsts':>6}  kernel"]
     for r in rows:
         spill = f"{r['spill_stores']}/{r['spill_loads']}" if r["spill_stores"] is not None else "?"
         mma = {True: "yes", False: "no", None: "?"}[r["uses_mma"]]
         lines.append(f"sm_{r['arch']:<3} {r['registers']!s:>4} {spill:>11} {r['local_bytes']!s:>5} "
-                     f"{r['smem']:>7} {mma:>3}  {r['kernel']}")
+                     f"{r['smem']:>7} {mma:>3} {r.get('async_copies')!s:>6}  {r['kernel']}")
     return "\n".join(lines)
 
 

@@ -7,6 +7,13 @@ becomes an OS thread:
   __shfl_xor_sync                -> an exchange through a per-warp buffer between two warp barriers
   mma.sync.m16n8k16 (inline PTX) -> a warp-collective product that rebuilds A (16x16) and B (16x8) from all
                                     lanes' fragments with the PTX ISA layout and computes D in fp32
+  cp.async.cg 16 B / commit_group / wait_group N (inline PTX)
+                                 -> per thread: a copy reads its source when issued and fills its destination with
+                                    0xff (NaN) at once; commit closes a group; wait N writes the real bytes of all
+                                    but the newest N committed groups. So a tile read before its wait (and the
+                                    barrier after it) reads NaN, and so does a warp still reading a buffer that
+                                    another thread has begun to refill; a thread that ends with copies in flight
+                                    fails the launch
   kernel<<<grid, block, smem>>>  -> the blocks one after another, each with its threads; shared memory starts
                                     filled with 0xff bytes (NaN as fp16/bf16/fp32), so a read of an unwritten
                                     element shows up as NaN
@@ -15,7 +22,8 @@ becomes an OS thread:
 What this checks: indexing, tiling and masking, the online softmax, barriers placed where the data flow needs
 them, the backward math, GQA, dropout's regeneration, the host-side parameters. What it cannot check: data races
 that barriers would hide anyway, the hardware's MMA layout (the emulated layout is the one the kernels assume),
-memory-model and timing issues, performance. Blocks run one after another, so it is for small shapes.
+memory-model and timing issues, performance, whether copies really overlap the products. Blocks run one after
+another, so it is for small shapes.
 """
 
 from __future__ import annotations
@@ -32,7 +40,9 @@ RUNTIME = r"""
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
+#include <deque>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -115,6 +125,37 @@ inline void mma(float* d, const uint32_t* a, const uint32_t* b, float (*cvt)(uin
     d[e] = acc;
   }
 }
+// cp.async: see the module docstring. Each CUDA thread is an OS thread, so the queues are thread-local.
+struct PendingCopy {
+  unsigned char* dst;
+  unsigned char bytes[16];
+};
+inline thread_local std::vector<PendingCopy> t_uncommitted;
+inline thread_local std::deque<std::vector<PendingCopy>> t_groups;
+inline std::atomic<int> g_copies_left{0}, g_misaligned{0};  // checked after the block (a thread must not throw)
+inline void cp_async_16(void* dst, const void* src) {
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) ++g_misaligned;
+  PendingCopy c;
+  c.dst = static_cast<unsigned char*>(dst);
+  std::memcpy(c.bytes, src, 16);
+  std::memset(dst, 0xff, 16);
+  t_uncommitted.push_back(c);
+}
+inline void cp_async_commit() {
+  t_groups.push_back(std::move(t_uncommitted));
+  t_uncommitted.clear();
+}
+inline void cp_async_wait(int n) {
+  while (static_cast<int>(t_groups.size()) > n) {
+    for (const PendingCopy& c : t_groups.front()) std::memcpy(c.dst, c.bytes, 16);
+    t_groups.pop_front();
+  }
+}
+inline void cp_async_thread_end() {
+  if (!t_uncommitted.empty() || !t_groups.empty()) ++g_copies_left;
+  t_uncommitted.clear();
+  t_groups.clear();
+}
 inline std::mutex atomic_mutex;
 inline float atomic_add(float* p, float v) {
   std::lock_guard<std::mutex> lock(atomic_mutex);
@@ -127,6 +168,8 @@ void launch(void (*kernel)(P), unsigned grid, int threads, int smem, cudaStream_
   TORCH_CHECK(threads % 32 == 0 && threads <= 1024 && smem <= static_cast<int>(sizeof(dyn_smem)), "bad launch");
   g_gdim = dim3(grid);
   g_bdim = dim3(threads);
+  g_copies_left = 0;
+  g_misaligned = 0;
   for (unsigned bx = 0; bx < grid; ++bx) {
     Block blk;
     blk.block = std::make_unique<Barrier>(threads);
@@ -136,9 +179,17 @@ void launch(void (*kernel)(P), unsigned grid, int threads, int smem, cudaStream_
     std::memset(dyn_smem, 0xff, sizeof(dyn_smem));
     std::vector<std::thread> ts;
     for (int t = 0; t < threads; ++t) {
-      ts.emplace_back([&, t] { t_tid = uint3{static_cast<unsigned>(t), 0, 0}; kernel(p); });
+      ts.emplace_back([&, t] {
+        t_tid = uint3{static_cast<unsigned>(t), 0, 0};
+        kernel(p);
+        cp_async_thread_end();
+      });
     }
     for (auto& th : ts) th.join();
+    TORCH_CHECK(g_copies_left == 0, "emulated kernel: ", g_copies_left.load(), " threads of block ", bx,
+                " ended with cp.async copies not waited for");
+    TORCH_CHECK(g_misaligned == 0, "emulated kernel: ", g_misaligned.load(), " cp.async copies of block ", bx,
+                " had an address that is not 16-byte aligned");
   }
 }
 inline int device_attr(cudaDeviceAttr a) {
@@ -150,6 +201,8 @@ template <typename T> inline T min(T a, T b) { return b < a ? b : a; }
 template <typename T> inline T max(T a, T b) { return a < b ? b : a; }
 inline unsigned __umulhi(unsigned a, unsigned b) { return static_cast<unsigned>((static_cast<uint64_t>(a) * b) >> 32); }
 inline float atomicAdd(float* p, float v) { return emu::atomic_add(p, v); }
+inline size_t __cvta_generic_to_shared(const void* p) { return reinterpret_cast<size_t>(p); }
+#define LLMK_CP_ASYNC 1  // the cp.async path of llmk_device.cuh, its inline PTX rewritten to emu::cp_async_*
 
 #undef __global__
 #undef __device__
@@ -182,17 +235,31 @@ inline float atomicAdd(float* p, float v) { return emu::atomic_add(p, v); }
 
 def _device_header(text: str) -> str:
     def repl(m):
-        kind = "bf16" if ".bf16" in m.group(0) else "f16"
+        asm = m.group(0)
+        if "cp.async.cg.shared.global" in asm:
+            return "emu::cp_async_16(dst, src);"
+        if "cp.async.commit_group" in asm:
+            return "emu::cp_async_commit();"
+        if "cp.async.wait_group" in asm:
+            return "emu::cp_async_wait(N);"
+        if "mma.sync" not in asm:
+            raise ValueError(f"the emulation does not know this inline PTX: {asm}")
+        kind = "bf16" if ".bf16" in asm else "f16"
         return f"emu::mma(d, a, b, emu::{kind}_bits);"
     text = re.sub(r"asm volatile\(.*?\);", repl, text, flags=re.S)
-    return text.replace("#pragma once", "")
+    return _launches(text.replace("#pragma once", ""))
+
+
+def _launches(text: str) -> str:
+    """kernel<<<grid, threads, smem, stream>>>(p) -> emu::launch(kernel, grid, threads, smem, stream, p)."""
+    return re.sub(r"([A-Za-z_]\w*(?:<[^<>;]*>)?)<<<(.*?)>>>\((\w+)\)", r"emu::launch(\1, \2, \3)", text)
 
 
 def _kernels(text: str) -> str:
     text = text.replace('#include "llmk_device.cuh"', "")
     text = text.replace("extern __shared__ __align__(16) unsigned char smem_raw[];",
                         "unsigned char* smem_raw = emu::dyn_smem;")
-    return re.sub(r"([A-Za-z_]\w*(?:<[^<>;]*>)?)<<<(.*?)>>>\((\w+)\)", r"emu::launch(\1, \2, \3)", text)
+    return _launches(text)
 
 
 def _bindings(text: str) -> str:

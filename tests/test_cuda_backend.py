@@ -144,6 +144,9 @@ def test_no_kernel_spills_on_sm80_and_sm90(ext):
         half = "attn_" in r["kernel"] and "_kernel<float" not in r["kernel"] and "delta" not in r["kernel"]
         if half and not r["uses_mma"]:
             problems.append(f"{where}: fp16/bf16 attention kernel without tensor-core MMA in its SASS")
+        tiled = "attn_fwd_kernel" in r["kernel"] or "attn_bwd_kernel" in r["kernel"]
+        if tiled and r["async_copies"] is not None and not r["async_copies"]:
+            problems.append(f"{where}: no cp.async (LDGSTS) in its SASS: the streamed tiles load synchronously")
     assert not problems, "\n".join(problems)
 
 

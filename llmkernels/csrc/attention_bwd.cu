@@ -8,14 +8,18 @@
 //   dS  = P * (dP - delta)   (delta = rowsum(dO * O) - grad_lse, from the delta kernel below)
 //   dK += scale * dS^T Q,  dQ += scale * dS K  (dQ through fp32 atomics: other blocks own other keys)
 // dK and dV accumulate in fp32 shared memory, each element owned by one thread (no races, no atomics), and the
-// GQA sum over query heads happens in the same accumulators. When the float mask needs a gradient, dS is
-// written out as dmask; every (row, key) pair of the block's keys is then visited so every element is written.
+// GQA sum over query heads happens in the same accumulators. The Q and dO tiles stream through two buffers with
+// cp.async where shared memory allows (pipeline_next): the next pair loads during this one's products. When the
+// float mask needs a gradient, dS is written out as dmask; every (row, key) pair of the block's keys is then visited
+// so every element is written.
 #include "llmk_device.cuh"
 
 namespace llmk {
 
-// BM = BN query rows / keys per tile, BN / 16 warps. Shared memory: K, V, Q, dO tiles (D + pad columns), the P
-// and dS tiles, and the fp32 dK, dV accumulators (BN x D each); every config stays under sm_80's 163 KB.
+// BM = BN query rows / keys per tile, BN / 16 warps. Shared memory: K, V, Q, dO tiles (D + pad columns; one Q/dO
+// buffer, or two with p.stages = 2), the P and dS tiles, and the fp32 dK, dV accumulators (BN x D each); with one
+// Q/dO buffer (SMEM) every config stays under sm_80's 163 KB; with two (SMEM_PIPELINED) every config fits sm_90's
+// 227 KB and all but fp16/bf16 at 256 fit sm_80.
 template <typename T, int D>
 struct BwdTile;
 template <typename T>
@@ -37,6 +41,7 @@ struct BwdLayout {
   static constexpr int THREADS = BN / 16 * 32;
   static constexpr int SMEM = (2 * BN * LD + 2 * BM * LD + 2 * BM * LDP) * static_cast<int>(sizeof(T)) +
                               2 * BN * D * static_cast<int>(sizeof(float));
+  static constexpr int SMEM_PIPELINED = SMEM + 2 * BM * LD * static_cast<int>(sizeof(T));  // a second Q and dO
 };
 
 // The output columns of the dV / dK / dQ products are done in chunks of CH columns to bound the registers.
@@ -76,10 +81,9 @@ attn_bwd_kernel(const AttnBwdParams p) {
   float* acc_dv = acc_dk + BN * D;                      // BN x D
   T* sK = reinterpret_cast<T*>(acc_dv + BN * D);
   T* sV = sK + BN * LD;
-  T* sQ = sV + BN * LD;
-  T* sdO = sQ + BM * LD;
-  T* sP = sdO + BM * LD;  // Pd (dropout applied), BM x BN
+  T* sP = sV + BN * LD;    // Pd (dropout applied), BM x BN
   T* sdS = sP + BM * LDP;  // dS, BM x BN
+  T* sQdO = sdS + BM * LDP;  // Q/dO buffer s (s < p.stages): Q at sQdO + 2 s BM LD, dO right after it
 
   const AttnShape n = p.n;
   const int num_n_blocks = (n.S + BN - 1) / BN;
@@ -100,10 +104,10 @@ attn_bwd_kernel(const AttnBwdParams p) {
   const T* v = static_cast<const T*>(p.v);
   const T* dout = static_cast<const T*>(p.dout);
 
-  load_tile<T, BN, D, THREADS>(sK, LD, k + b * p.k_stride[0] + hk * p.k_stride[1] + n0 * p.k_stride[2],
-                               p.k_stride[2], p.k_stride[3], n_rows, n.E, p.k_vec);
-  load_tile<T, BN, D, THREADS>(sV, LD, v + b * p.v_stride[0] + hk * p.v_stride[1] + n0 * p.v_stride[2],
-                               p.v_stride[2], p.v_stride[3], n_rows, n.Ev, p.v_vec);
+  load_tile_async<T, BN, D, THREADS>(sK, LD, k + b * p.k_stride[0] + hk * p.k_stride[1] + n0 * p.k_stride[2],
+                                     p.k_stride[2], p.k_stride[3], n_rows, n.E, p.k_vec);
+  load_tile_async<T, BN, D, THREADS>(sV, LD, v + b * p.v_stride[0] + hk * p.v_stride[1] + n0 * p.v_stride[2],
+                                     p.v_stride[2], p.v_stride[3], n_rows, n.Ev, p.v_vec);
   for (int idx = threadIdx.x; idx < 2 * BN * D; idx += THREADS) acc_dk[idx] = 0.f;  // acc_dv follows acc_dk
 
   uint64_t seed = 0, offset = 0;
@@ -115,23 +119,36 @@ attn_bwd_kernel(const AttnBwdParams p) {
   // (attn_query_range), unless dS must be written for every element.
   int m_begin = 0, m_end = n.L;
   if (p.dmask == nullptr) attn_query_range(rule, n.L, n0, n0 + n_rows, BM, &m_begin, &m_end);
+  // The block's work is `tiles` (query head, query tile) pairs, head-major: tile it is head hk * group + it /
+  // per_head, rows m_begin + (it % per_head) BM .. + BM.
+  const int per_head = m_begin < m_end ? (m_end - m_begin + BM - 1) / BM : 0;
+  const int tiles = per_head * group;
+  // Q and dO of tile `it` into buffer `buf` (see pipeline_next: with two stages tile it + 1 loads during tile it).
+  auto issue = [&](int it, int buf) {
+    const int h = hk * group + it / per_head, m0 = m_begin + (it % per_head) * BM;
+    const int m_rows = min(BM, n.L - m0);
+    T* sQ = sQdO + buf * 2 * BM * LD;
+    load_tile_async<T, BM, D, THREADS>(sQ, LD, q + b * p.q_stride[0] + h * p.q_stride[1] + m0 * p.q_stride[2],
+                                       p.q_stride[2], p.q_stride[3], m_rows, n.E, p.q_vec);
+    load_tile_async<T, BM, D, THREADS>(sQ + BM * LD, LD,
+                                       dout + b * p.dout_stride[0] + h * p.dout_stride[1] + m0 * p.dout_stride[2],
+                                       p.dout_stride[2], p.dout_stride[3], m_rows, n.Ev, p.dout_vec);
+  };
+  if (tiles > 0) issue(0, 0);
+  cp_async_commit();  // group 0: K, V and the first Q/dO tile
 
-  for (int h = hk * group; h < (hk + 1) * group; ++h) {
+  for (int it = 0; it < tiles; ++it) {
+    const int h = hk * group + it / per_head, m0 = m_begin + (it % per_head) * BM;
     const int64_t row_base = (static_cast<int64_t>(b) * n.Hq + h) * n.L;
     const int64_t mask_head = b * p.mask_stride[0] + h * p.mask_stride[1];
-    const T* q_head = q + b * p.q_stride[0] + h * p.q_stride[1];
-    const T* do_head = dout + b * p.dout_stride[0] + h * p.dout_stride[1];
     const float* lse_head = p.lse + b * p.lse_stride[0] + h * p.lse_stride[1];
     const float slope = rule_slope(rule, b, h);
-
-    for (int m0 = m_begin; m0 < m_end; m0 += BM) {
-      __syncthreads();  // every warp is done with the previous Q, dO, P and dS tiles
-      const int m_rows = min(BM, n.L - m0);
-      load_tile<T, BM, D, THREADS>(sQ, LD, q_head + m0 * p.q_stride[2], p.q_stride[2], p.q_stride[3], m_rows, n.E,
-                                   p.q_vec);
-      load_tile<T, BM, D, THREADS>(sdO, LD, do_head + m0 * p.dout_stride[2], p.dout_stride[2], p.dout_stride[3],
-                                   m_rows, n.Ev, p.dout_vec);
-      __syncthreads();
+    {  // the tile's work (the scope the loop over query tiles had)
+      __syncthreads();  // every warp is done with the previous Q, dO, P and dS tiles: that Q/dO buffer may refill
+      pipeline_next(p.stages, it, tiles, issue);
+      __syncthreads();  // this tile's Q and dO (and, first time, K and V) are complete for every thread
+      const T* sQ = sQdO + pipeline_buffer(p.stages, it) * 2 * BM * LD;
+      const T* sdO = sQ + BM * LD;
 
       // Warp w: query rows m0 + 16 w .. + 16 against all BN keys.
       float s[NT_S][4], dp[NT_S][4];
@@ -213,6 +230,7 @@ attn_bwd_kernel(const AttnBwdParams p) {
       }
     }
   }
+  cp_async_wait<0>();  // with no query tile, K's and V's copies are still in flight
 
   __syncthreads();
   // dK = scale * dS^T Q, dV = Pd^T dO: rows j < S of this block, contiguous (B, Hkv, S, E / Ev) outputs.
@@ -255,13 +273,8 @@ template <typename T, int D>
 static cudaError_t launch_bwd(const AttnBwdParams& p, cudaStream_t stream) {
   using Lay = BwdLayout<T, D>;
   const int64_t blocks = static_cast<int64_t>((p.n.S + Lay::BN - 1) / Lay::BN) * p.n.Hkv * p.n.B;
-  if (blocks == 0) return cudaSuccess;
-  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  cudaError_t err = cudaFuncSetAttribute(attn_bwd_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         Lay::SMEM);
-  if (err != cudaSuccess) return err;
-  attn_bwd_kernel<T, D><<<static_cast<unsigned>(blocks), Lay::THREADS, Lay::SMEM, stream>>>(p);
-  return cudaGetLastError();
+  return launch_tiles(attn_bwd_kernel<T, D>, blocks, Lay::THREADS, p.stages == 2 ? Lay::SMEM_PIPELINED : Lay::SMEM,
+                      p, stream);
 }
 
 cudaError_t launch_attn_bwd(const AttnBwdParams& p, int dtype, cudaStream_t stream) {
@@ -287,7 +300,7 @@ cudaError_t launch_attn_bwd_delta(const AttnDeltaParams& p, int dtype, cudaStrea
 template <typename T, int D>
 static AttnConfig bwd_config() {
   using Lay = BwdLayout<T, D>;
-  return AttnConfig{D, Lay::BM, Lay::BN, Lay::THREADS, Lay::SMEM};
+  return AttnConfig{D, Lay::BM, Lay::BN, Lay::THREADS, Lay::SMEM, Lay::SMEM_PIPELINED};
 }
 
 AttnConfig attn_bwd_config(int dtype, int E, int Ev) {

@@ -1,7 +1,9 @@
 // Attention forward, FlashAttention-2 structure (Dao 2023): one block per (batch, query head, BM query rows);
-// the Q tile stays in shared memory while K/V tiles of BN keys stream through it; each warp owns 16 query rows
-// and keeps their online-softmax state (running max m, running sum l, in ScoreUnits) and output accumulator in fp32
-// registers. S = Q K^T and O += P V are warp tile products (tensor cores for fp16/bf16, see WarpGemm).
+// the Q tile stays in shared memory while K/V tiles of BN keys stream through it (two buffers with cp.async where
+// shared memory allows, so that the next tile loads during this one's products: pipeline_next); each warp owns 16
+// query rows and keeps their online-softmax state (running max m, running sum l, in ScoreUnits) and output
+// accumulator in fp32 registers. S = Q K^T and O += P V are warp tile products (tensor cores for fp16/bf16, see
+// WarpGemm).
 //
 // Head dims are handled by three buckets (64, 128, 256) per dtype, with the padding columns zero-filled, so the
 // build has 9 forward instances, not one per head size.
@@ -17,10 +19,11 @@ int attn_bucket(int E, int Ev) {
   return 0;
 }
 
-// Tile sizes per (dtype, bucket). BM / 16 warps per block. Shared memory: Q (BM rows), K and V (BN rows each) of
-// D + pad columns, and the P tile (BM x BN + pad). fp32 tiles are twice as large, hence smaller tiles; every
-// config stays under the 163 KB a block may use on sm_80 (A100) and the 227 KB of sm_90. Registers: the output
-// accumulator is D/2 floats per thread, the score tile BN/2.
+// Tile sizes per (dtype, bucket). BM / 16 warps per block. Shared memory: Q (BM rows), K and V (BN rows each; one
+// buffer of each, or two with p.stages = 2) of D + pad columns, and the P tile (BM x BN + pad). fp32 tiles are twice
+// as large, hence smaller tiles; with one K/V buffer (SMEM) every config stays under the 163 KB a block may use on
+// sm_80 (A100) and the 227 KB of sm_90; with two (SMEM_PIPELINED) every config fits sm_90 and all but fp32 at 256
+// fit sm_80. Registers: the output accumulator is D/2 floats per thread, the score tile BN/2.
 template <typename T, int D>
 struct FwdTile;
 template <typename T>
@@ -41,6 +44,7 @@ struct FwdLayout {
   static constexpr int LD = D + PAD, LDP = BN + PAD;
   static constexpr int THREADS = BM / 16 * 32;
   static constexpr int SMEM = (BM * LD + 2 * BN * LD + BM * LDP) * static_cast<int>(sizeof(T));
+  static constexpr int SMEM_PIPELINED = SMEM + 2 * BN * LD * static_cast<int>(sizeof(T));  // a second K and V
 };
 
 template <typename T, int D>
@@ -51,10 +55,10 @@ attn_fwd_kernel(const AttnFwdParams p) {
   constexpr int NT_S = BN / 8, NT_O = D / 8;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
+  // sQ, sP, then K/V buffer s (s < p.stages): K at sKV + 2 s BN LD, V right after it.
   T* sQ = reinterpret_cast<T*>(smem_raw);
-  T* sK = sQ + BM * LD;
-  T* sV = sK + BN * LD;
-  T* sP = sV + BN * LD;
+  T* sP = sQ + BM * LD;
+  T* sKV = sP + BM * LDP;
 
   const AttnShape n = p.n;
   const int num_m_blocks = (n.L + BM - 1) / BM;
@@ -95,8 +99,6 @@ attn_fwd_kernel(const AttnFwdParams p) {
     }
   }
 
-  load_tile<T, BM, D, THREADS>(sQ, LD, q_tile, p.q_stride[2], p.q_stride[3], min(BM, n.L - m0), n.E, p.q_vec);
-
   uint64_t seed = 0, offset = 0;
   if (p.dropout_p > 0.f) {
     seed = static_cast<uint64_t>(p.rng[0]);
@@ -123,14 +125,28 @@ attn_fwd_kernel(const AttnFwdParams p) {
   // all hidden and never loaded.
   int n_begin, n_end;
   attn_key_range(rule, n.S, m0, min(m0 + BM, n.L), BN, &n_begin, &n_end);
-  for (int n0 = n_begin; n0 < n_end; n0 += BN) {
-    __syncthreads();  // every warp is done with the previous K/V tiles (and, first time, Q is complete)
+  const int tiles = n_begin < n_end ? (n_end - n_begin + BN - 1) / BN : 0;
+  // Key tile `it` into K/V buffer `buf` (see pipeline_next: with two stages tile it + 1 loads during tile it).
+  auto issue = [&](int it, int buf) {
+    const int n0 = n_begin + it * BN;
     const int n_rows = min(BN, n.S - n0);
-    load_tile<T, BN, D, THREADS>(sK, LD, k_head + n0 * p.k_stride[2], p.k_stride[2], p.k_stride[3], n_rows, n.E,
-                                 p.k_vec);
-    load_tile<T, BN, D, THREADS>(sV, LD, v_head + n0 * p.v_stride[2], p.v_stride[2], p.v_stride[3], n_rows, n.Ev,
-                                 p.v_vec);
-    __syncthreads();
+    T* sK = sKV + buf * 2 * BN * LD;
+    load_tile_async<T, BN, D, THREADS>(sK, LD, k_head + n0 * p.k_stride[2], p.k_stride[2], p.k_stride[3], n_rows,
+                                       n.E, p.k_vec);
+    load_tile_async<T, BN, D, THREADS>(sK + BN * LD, LD, v_head + n0 * p.v_stride[2], p.v_stride[2], p.v_stride[3],
+                                       n_rows, n.Ev, p.v_vec);
+  };
+  load_tile_async<T, BM, D, THREADS>(sQ, LD, q_tile, p.q_stride[2], p.q_stride[3], min(BM, n.L - m0), n.E,
+                                     p.q_vec);
+  if (tiles > 0) issue(0, 0);
+  cp_async_commit();  // group 0: Q and the first K/V tile
+  for (int it = 0; it < tiles; ++it) {
+    __syncthreads();  // every warp is done with the previous K/V tiles: their buffer may be refilled
+    pipeline_next(p.stages, it, tiles, issue);
+    __syncthreads();  // this tile's K and V (and, first time, Q) are complete for every thread
+    const int n0 = n_begin + it * BN;
+    const T* sK = sKV + pipeline_buffer(p.stages, it) * 2 * BN * LD;
+    const T* sV = sK + BN * LD;
 
     // S = Q K^T for the warp's 16 rows: A(r, d) = sQ[r][d], B(d, j) = sK[j][d].
     float s[NT_S][4];
@@ -201,6 +217,7 @@ attn_fwd_kernel(const AttnFwdParams p) {
     // O += P V: A(r, j) = sP[r][j], B(j, d) = sV[j][d]. The statistics mode needs only m and l.
     if (!stats) WarpGemm<T, NT_O>::run(o, p_row, LDP, 1, sV, LD, 1, BN);
   }
+  cp_async_wait<0>();  // with no key tile, Q's copies are still in flight, and sO below reuses sQ
 
   if (stats) {
     // The same m and l as the forward computed (the same code on the same tiles), in score units.
@@ -248,13 +265,8 @@ template <typename T, int D>
 static cudaError_t launch_fwd(const AttnFwdParams& p, cudaStream_t stream) {
   using Lay = FwdLayout<T, D>;
   const int64_t blocks = static_cast<int64_t>((p.n.L + Lay::BM - 1) / Lay::BM) * p.n.Hq * p.n.B;
-  if (blocks == 0) return cudaSuccess;
-  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  cudaError_t err = cudaFuncSetAttribute(attn_fwd_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         Lay::SMEM);
-  if (err != cudaSuccess) return err;
-  attn_fwd_kernel<T, D><<<static_cast<unsigned>(blocks), Lay::THREADS, Lay::SMEM, stream>>>(p);
-  return cudaGetLastError();
+  return launch_tiles(attn_fwd_kernel<T, D>, blocks, Lay::THREADS, p.stages == 2 ? Lay::SMEM_PIPELINED : Lay::SMEM,
+                      p, stream);
 }
 
 cudaError_t launch_attn_fwd(const AttnFwdParams& p, int dtype, cudaStream_t stream) {
@@ -267,7 +279,7 @@ cudaError_t launch_attn_fwd(const AttnFwdParams& p, int dtype, cudaStream_t stre
 template <typename T, int D>
 static AttnConfig fwd_config() {
   using Lay = FwdLayout<T, D>;
-  return AttnConfig{D, Lay::BM, Lay::BN, Lay::THREADS, Lay::SMEM};
+  return AttnConfig{D, Lay::BM, Lay::BN, Lay::THREADS, Lay::SMEM, Lay::SMEM_PIPELINED};
 }
 
 AttnConfig attn_fwd_config(int dtype, int E, int Ev) {

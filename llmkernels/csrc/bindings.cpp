@@ -14,6 +14,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <utility>
 
 #include "llmk_params.h"
@@ -103,7 +105,8 @@ void set_score_units(P& p, int kind, double scale) {
   p.score_scale = static_cast<float>(p.natural ? scale : scale * kLog2e);
 }
 
-void check_device_and_smem(const Tensor& ref, int smem_bytes, const char* what) {
+// Returns the shared memory a block may opt into on ref's device.
+int check_device_and_smem(const Tensor& ref, int smem_bytes, const char* what) {
   int dev = ref.get_device();
   int major = 0, optin = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
@@ -111,6 +114,19 @@ void check_device_and_smem(const Tensor& ref, int smem_bytes, const char* what) 
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
   TORCH_CHECK(smem_bytes <= optin, "llmkernels_cuda: ", what, " needs ", smem_bytes,
               " bytes of shared memory per block; this GPU allows ", optin);
+  return optin;
+}
+
+// The most buffers of streamed tiles the attention kernels may use: LLMKERNELS_CUDA_STAGES=1 turns the cp.async
+// double buffering off (the tiles then load synchronously, one at a time: for comparing speed and results), unset
+// or 2 lets every kernel use two buffers where they fit (llmk::attn_stages).
+int max_stages() {
+  const char* env = std::getenv("LLMKERNELS_CUDA_STAGES");
+  if (env == nullptr || *env == '\0') return 2;
+  const std::string value(env);
+  TORCH_CHECK(value == "1" || value == "2", "llmkernels_cuda: LLMKERNELS_CUDA_STAGES must be 1 or 2, got '", value,
+              "'");
+  return value == "1" ? 1 : 2;
 }
 
 void check_int(int64_t value, const char* name) {
@@ -265,10 +281,11 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const 
   if (static_cast<int64_t>(n.B) * n.Hq * n.L == 0) return;
   const c10::cuda::CUDAGuard guard(q.device());
   const llmk::AttnConfig cfg = llmk::attn_fwd_config(in.dtype, n.E, n.Ev);
-  check_device_and_smem(q, cfg.smem_bytes, "attention_forward");
+  const int optin = check_device_and_smem(q, cfg.smem_bytes, "attention_forward");
 
   llmk::AttnFwdParams p{};
   set_attention_inputs(p, in, q, k, v, mask, dropout_p, is_causal, scale, rng_state, rule, true);
+  p.stages = llmk::attn_stages(cfg, optin, max_stages());
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   p.out_vec = vec_ok(out);
@@ -317,7 +334,7 @@ void attention_backward(const Tensor& grad_out, const Tensor& q, const Tensor& k
     return;
   }
   const llmk::AttnConfig cfg = llmk::attn_bwd_config(in.dtype, n.E, n.Ev);
-  check_device_and_smem(q, cfg.smem_bytes, "attention_backward");
+  const int optin = check_device_and_smem(q, cfg.smem_bytes, "attention_backward");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   // delta = rowsum(dO * O) - grad_lse, and the fp32 dQ accumulator (scratch, not outputs).
@@ -353,7 +370,9 @@ void attention_backward(const Tensor& grad_out, const Tensor& q, const Tensor& k
     sp.stats_lse = lse_c.data_ptr<float>();
     sp.stats_ref = row_ref.data_ptr<float>();
     sp.stats_inv_l = row_inv_l.data_ptr<float>();
-    check_device_and_smem(q, llmk::attn_fwd_config(in.dtype, n.E, n.Ev).smem_bytes, "attention_backward");
+    const llmk::AttnConfig stats_cfg = llmk::attn_fwd_config(in.dtype, n.E, n.Ev);
+    check_device_and_smem(q, stats_cfg.smem_bytes, "attention_backward");
+    sp.stages = llmk::attn_stages(stats_cfg, optin, max_stages());
     C10_CUDA_CHECK(llmk::launch_attn_fwd(sp, in.dtype, stream));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -374,6 +393,7 @@ void attention_backward(const Tensor& grad_out, const Tensor& q, const Tensor& k
   copy_strides(p.lse_stride, lse);
   p.dout_vec = vec_ok(grad_out);
   p.scale = static_cast<float>(scale);
+  p.stages = llmk::attn_stages(cfg, optin, max_stages());
   C10_CUDA_CHECK(llmk::launch_attn_bwd(p, in.dtype, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   dq.copy_(dq_acc);  // fp32 -> q's dtype
@@ -470,6 +490,7 @@ py::dict attention_config(int64_t dtype, int64_t E, int64_t Ev, bool backward) {
   d["block_n"] = c.BN;
   d["threads"] = c.threads;
   d["smem_bytes"] = c.smem_bytes;
+  d["smem_bytes_pipelined"] = c.smem_bytes_pipelined;
   return d;
 }
 

@@ -1,5 +1,6 @@
 // Device helpers shared by the attention and softmax kernels: dtype conversion, mask reads, Philox dropout,
-// warp reductions, 16-byte tile loads with a scalar fallback, and the warp-level tile matrix product.
+// warp reductions, 16-byte tile loads with a scalar fallback (synchronous and cp.async), and the warp-level tile
+// matrix product.
 #pragma once
 
 #include <cstdint>
@@ -242,16 +243,63 @@ __device__ __forceinline__ float block_sum(float v, float* red) { return block_r
 // memory; global element (r, c) is base[r * rs + c * cs] for r < nrows, c < ncols, and zero elsewhere (the zero
 // padding is what lets the matrix products run over whole 16-wide steps). `vec` (checked on the host: cs == 1,
 // base pointer and every other stride 16-byte aligned) allows 16-byte accesses; a chunk that crosses ncols is
-// read element by element.
+// read element by element. Tiles are loaded with load_tile_async (below).
 
 template <typename T>
 struct Vec {
   static constexpr int N = 16 / sizeof(T);
 };
 
+// Asynchronous tile loads (cp.async, sm_80+), for the double-buffered K/V (forward) and Q/dO (backward) tiles:
+// a thread issues 16-byte global -> shared copies that complete in the background while the warps compute on the
+// other buffer. The discipline (PTX ISA, "cp.async"): copies issued since the last commit form one group;
+// cp_async_wait<N>() returns once at most N of this thread's committed groups are still in flight; a __syncthreads()
+// after the wait makes every thread's copies visible to the whole block. A buffer may be refilled only after a
+// barrier that follows every warp's last read of it. tests/cuda_emulation.py runs these with the same semantics
+// (the destination is poisoned when a copy is issued and written when it is waited for), so a read before the wait
+// or a refill while another warp still reads shows up there.
+//
+// LLMK_CP_ASYNC: 1 where the instructions exist (device code for sm_80 and newer; the emulation sets it itself);
+// elsewhere the same calls copy synchronously, which is also what a wait-for-all after each tile amounts to.
+#ifndef LLMK_CP_ASYNC
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define LLMK_CP_ASYNC 1
+#else
+#define LLMK_CP_ASYNC 0
+#endif
+#endif
+
+// One 16-byte copy; both addresses 16-byte aligned. .cg caches in L2 only: each tile is read once per block.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src) {
+#if LLMK_CP_ASYNC
+  const unsigned saddr = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(saddr), "l"(src) : "memory");
+#else
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if LLMK_CP_ASYNC
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if LLMK_CP_ASYNC
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// Loads a tile (the contract above) in 16-byte chunks: a chunk that is whole, inside the tile and vec-aligned is
+// one cp.async; chunks past nrows / ncols are zero-filled, and chunks that cross ncols (odd head dims) or of
+// tensors without vec are read element by element, synchronously, by plain stores into the same buffer (so they
+// obey the same refill rule). The bytes that land in shared memory are those of the synchronous loads these
+// replace, so the results are bitwise the same.
 template <typename T, int ROWS, int COLS, int NTHREADS>
-__device__ __forceinline__ void load_tile(T* smem, int ld, const T* base, int64_t rs, int64_t cs, int nrows,
-                                          int ncols, bool vec) {
+__device__ __forceinline__ void load_tile_async(T* smem, int ld, const T* base, int64_t rs, int64_t cs, int nrows,
+                                                int ncols, bool vec) {
   constexpr int V = Vec<T>::N;
   static_assert(COLS % V == 0, "tile width must be a multiple of the vector width");
   constexpr int CHUNKS = ROWS * (COLS / V);
@@ -260,13 +308,42 @@ __device__ __forceinline__ void load_tile(T* smem, int ld, const T* base, int64_
     const int c = (idx % (COLS / V)) * V;
     T* dst = smem + r * ld + c;
     if (vec && r < nrows && c + V <= ncols) {
-      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(base + r * rs + c);
+      cp_async_16(dst, base + r * rs + c);
+    } else if (r >= nrows || c >= ncols) {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);  // +0 in every dtype
     } else {
 #pragma unroll
       for (int e = 0; e < V; ++e) {
-        dst[e] = (r < nrows && c + e < ncols) ? base[r * rs + static_cast<int64_t>(c + e) * cs] : Num<T>::from_f(0.f);
+        dst[e] = c + e < ncols ? base[r * rs + static_cast<int64_t>(c + e) * cs] : Num<T>::from_f(0.f);
       }
     }
+  }
+}
+
+// Which buffer tile `it` of a loop uses, and the loads around it, for 1 or 2 stages (kv_stages, chosen on the
+// host: 2 where the second buffer fits the device's shared memory). The loop body of both attention kernels:
+//   issue(tile 0 -> buffer 0); cp_async_commit();            // before the loop, with the block's other loads
+//   for it: __syncthreads();                                  // every warp is done with the previous tiles
+//           pipeline_next(stages, it, count, issue);          // prefetch it + 1 (2 stages) or load it (1 stage)
+//           __syncthreads();                                  // tile it is complete for every thread
+//           compute on buffer pipeline_buffer(stages, it)
+//   cp_async_wait<0>();                                       // nothing may land after the loop (sO reuses sQ)
+// With 2 stages, tile it + 1 is issued into the buffer tile it - 1 used (free after the first barrier) and then
+// only tile it's group is waited for: the copies of it + 1 run during tile it's matrix products.
+__device__ __forceinline__ int pipeline_buffer(int stages, int it) { return stages == 2 ? it & 1 : 0; }
+
+template <typename Issue>
+__device__ __forceinline__ void pipeline_next(int stages, int it, int count, Issue&& issue) {
+  if (stages == 2 && it + 1 < count) {
+    issue(it + 1, (it + 1) & 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+  } else {
+    if (stages != 2 && it > 0) {
+      issue(it, 0);
+      cp_async_commit();
+    }
+    cp_async_wait<0>();
   }
 }
 
@@ -375,5 +452,19 @@ __device__ __forceinline__ int acc_row(int e) { return ((threadIdx.x & 31) >> 2)
 __device__ __forceinline__ int acc_col(int e) { return (threadIdx.x & 3) * 2 + (e & 1); }
 
 __host__ __device__ constexpr int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+// Launches a tiled attention kernel: `blocks` blocks of `threads` threads with `smem` bytes of dynamic shared
+// memory (opted into first: above 48 KB a kernel must ask). Nothing to do for no block; more than 2^31 - 1 blocks
+// is refused (a 1-D grid).
+template <typename P>
+inline cudaError_t launch_tiles(void (*kernel)(P), int64_t blocks, int threads, int smem, const P& p,
+                                cudaStream_t stream) {
+  if (blocks == 0) return cudaSuccess;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<static_cast<unsigned>(blocks), threads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
 
 }  // namespace llmk

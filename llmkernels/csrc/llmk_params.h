@@ -83,6 +83,7 @@ struct AttnFwdParams {
   float dropout_p;      // 0: no dropout
   float keep_scale;     // 1 / (1 - dropout_p)
   const int64_t* rng;   // device pointer to [seed, offset] when dropout_p > 0
+  int stages;           // K/V tile buffers: 2 (cp.async prefetch of the next tile) or 1; attn_stages()
   // Statistics mode, for the backward (stats_ref != null): out and lse are not written. For each tile of BM rows
   // where a row has a finite |stats_lse| >= kCoarseLse, the rows' reference (their max m, in score units) and 1 / l
   // are written to stats_ref and stats_inv_l; other tiles get from_lse(stats_lse) and 1.
@@ -118,6 +119,7 @@ struct AttnBwdParams {
   float dropout_p;
   float keep_scale;
   const int64_t* rng;
+  int stages;           // Q/dO tile buffers: 2 (cp.async prefetch of the next tile) or 1; attn_stages()
 };
 
 struct AttnDeltaParams {
@@ -141,8 +143,15 @@ struct AttnConfig {
   int D;        // head-dim bucket: 64, 128 or 256 (E and Ev up to D, the rest padded with zeros)
   int BM, BN;   // query rows and key rows per tile
   int threads;
-  int smem_bytes;  // dynamic shared memory per block
+  int smem_bytes;  // dynamic shared memory per block with one buffer of the streamed tiles (stages = 1)
+  int smem_bytes_pipelined;  // with two (stages = 2)
 };
+
+// How many buffers of the streamed tiles a kernel with config c gets on a device whose blocks may use smem_optin
+// bytes: 2 where they fit, else 1; max_stages (1 or 2) caps it (LLMKERNELS_CUDA_STAGES, for comparisons).
+inline int attn_stages(const AttnConfig& c, int smem_optin, int max_stages) {
+  return max_stages >= 2 && c.smem_bytes_pipelined <= smem_optin ? 2 : 1;
+}
 
 // The bucket for head dims E and Ev (0 when they exceed 256), and the configs chosen for it.
 int attn_bucket(int E, int Ev);
