@@ -24,13 +24,18 @@ reading an ``L x S`` mask:
   ``kv > q - W``);
 * bidirectional (``bidirectional_mask_function``) where the caller allows a skipped mask: a 4-D
   ``(B, 1, 1, S)`` key-padding mask (complete: the pattern is the padding alone);
-* anything else (a static cache, whose ``S`` is its capacity; packed sequences; the overlays of vision models;
+* causal (or sliding-window causal) attention inside packed documents (transformers' packed-sequence mask, built
+  from position ids that restart, without padding or cache offset): the documents' int32 ``cu_seqlens``, a 1-D
+  marker that ``attention_forward`` runs on ``varlen_attention`` (``hf_varlen.py``);
+* anything else (a static cache, whose ``S`` is its capacity; the overlays of vision models;
   any mask function not recognised here, or a caller that asks for a materialised mask): transformers' own
   full 4-D ``(B, 1, L, S)`` bool mask, which ``attention_forward`` applies as it is, with no causal rule or
   window of its own (the mask already holds them).
 
-So the number of dims tells the two apart, also at ``L = 1``: a 4-D mask (or any mask other than 2-D) is
-complete; ``None`` or a 2-D mask means "apply causality and the window bottom-right".
+So the number of dims tells the forms apart, also at ``L = 1``: a 1-D int32 tensor is the packed marker (never a
+valid SDPA mask: those are bool or float); a 4-D mask (or any other mask than 2-D) is complete; ``None`` or a 2-D
+mask means "apply causality and the window bottom-right". A 2-D key-padding mask without a cache offset is
+unpadded into ``varlen_attention`` where that is exact (see ``hf_varlen.py``; padded query rows give 0 there).
 
 Keywords transformers 5.x passes to attention functions (from the models' ``attention_interface(...)`` calls and
 ``TransformersKwargs``) and what happens to each:
@@ -38,10 +43,14 @@ Keywords transformers 5.x passes to attention functions (from the models' ``atte
 * honoured: ``dropout``, ``scaling``, ``is_causal``, ``sliding_window``, ``softcap`` (Gemma 2), ``s_aux`` /
   ``sinks`` (GPT-OSS attention sinks; differentiable), ``position_bias`` (an additive bias, T5-style);
 * no effect on the result: ``output_attentions`` (warned once: weights are not returned, use ``eager``),
-  ``output_hidden_states``, ``output_router_logits``, ``num_items_in_batch``, ``position_ids`` (transformers
-  derives the packed-sequence mask from them itself), ``deterministic``, ``use_cache``, ``cache_position``;
-* ``cu_seq_lens_q/k``, ``max_length_q/k``, ``seq_idx`` (packed sequences): accepted only with a complete 4-D
-  mask (transformers builds it from the same ``position_ids``), refused otherwise;
+  ``output_hidden_states``, ``output_router_logits``, ``num_items_in_batch``, ``deterministic``, ``use_cache``,
+  ``cache_position``;
+* ``cu_seq_lens_q/k``, ``max_length_q/k`` (packed sequences): with no mask they give the documents to
+  ``varlen_attention`` (as for FlashAttention); with the packed marker or a complete 4-D mask (both built from
+  the same ``position_ids``) the mask rules; with a 2-D padding mask they are refused. ``seq_idx``: only with a
+  complete mask or the marker;
+* ``position_ids``: with no mask and no cache offset, ids that restart within a row are packed documents (what
+  transformers' mask builder finds only without a cache object), run on ``varlen_attention``;
 * refused with an error: ``indices`` / ``block_indices`` (sparse attention), a ``head_mask``, and any other
   keyword that is not None, since it might change what attention computes.
 
