@@ -229,6 +229,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     or a value with non-zero weight. Masked positions are not read: a NaN score there does not spread over the row
     (PyTorch's math path adds the mask to it and gets NaN; its fused kernels, like ours, do not).
 
+    Nested tensors: query, key and value may be PyTorch nested tensors with the jagged layout, ``(B, H, j, E)``
+    (a ``torch.nested.nested_tensor(..., layout=torch.jagged)`` of ``(j, H, E)`` sequences, transposed), as for
+    PyTorch's SDPA: they run on ``varlen_attention`` over the packed values and offsets, and the output is a
+    jagged nested tensor ``(B, H, j, Ev)`` (the lse ``(B, H, j)``), differentiable. No ``attn_mask`` and no
+    ``sinks`` there; ``is_causal``, ``window_size`` and ALiBi need equal query and key lengths per sequence unless
+    ``causal_alignment="bottom_right"``. See ``llmkernels/nested.py``.
+
     Determinism: to get bitwise-identical forward and backward results run to run, keep the inputs, backend and
     device fixed, call ``torch.manual_seed(...)`` before each run when ``dropout_p > 0`` (the dropout seed is
     drawn from PyTorch's generator), and set ``torch.use_deterministic_algorithms(True)`` (which also makes the
@@ -237,6 +244,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     (``tests/test_determinism.py`` checks it). The GPU autotuner chooses tile sizes once per process and input bucket; results are identical
     within a process, and across processes when the same config is chosen.
     """
+    if any(isinstance(t, Tensor) and t.is_nested for t in (query, key, value, attn_mask)):
+        # Jagged nested tensors (B, H, j, E) run on varlen_attention (llmkernels/nested.py). Imported here:
+        # nested -> varlen -> ops at module level.
+        from .nested import nested_attention
+        return nested_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                return_lse=return_lse, window_size=window_size, causal_alignment=causal_alignment,
+                                softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, backend=backend)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     if deterministic is not None and not isinstance(deterministic, bool):

@@ -14,7 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import llmkernels  # noqa: E402
-from llmkernels import ops  # noqa: E402
+from llmkernels import ops, varlen  # noqa: E402
 from llmkernels.integrations import huggingface as lk_hf  # noqa: E402
 from runnable import default_dispatch  # noqa: E402
 from tolerance import assert_by_rule  # noqa: E402
@@ -36,14 +36,21 @@ def auto_dispatch():
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
+    """(q shape, k shape, mask dtype or None, is_causal) per dense op call; (q shape, k shape, "varlen",
+    is_causal) per varlen op call (packed and unpadded batches)."""
     calls = []
-    original = ops.sdpa_forward
+    original, original_varlen = ops.sdpa_forward, varlen.varlen_forward
 
     def spy(q, k, v, mask, *rest):
         calls.append((tuple(q.shape), tuple(k.shape), None if mask is None else mask.dtype, rest[1]))
         return original(q, k, v, mask, *rest)
 
+    def varlen_spy(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, *rest):
+        calls.append((tuple(q.shape), tuple(k.shape), "varlen", is_causal))
+        return original_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, *rest)
+
     monkeypatch.setattr(ops, "sdpa_forward", spy)
+    monkeypatch.setattr(varlen, "varlen_forward", varlen_spy)
     return calls
 
 
@@ -99,16 +106,22 @@ def test_logits_loss_and_gradients_match_sdpa(kv_heads, padding, device, kernel_
     results = {key: _run(m, ids, mask, labels) for key, m in models.items()}
     assert len(kernel_calls) == LAYERS, "every layer's attention must run on llmkernels"
     q_shape, k_shape, mask_dtype, causal = kernel_calls[0]
-    assert q_shape == (3, 4, 13, 16) and k_shape == (3, kv_heads, 13, 16)  # GQA read in place, not repeated
-    # The mask builder gives no mask (no padding) or the key-padding mask; the causal rule is our flag.
-    assert causal is True
-    assert mask_dtype == (None if padding == "none" else torch.bool)
+    assert causal is True  # the causal rule is our flag
+    if padding == "none":  # no mask: the dense op, causal
+        assert q_shape == (3, 4, 13, 16) and k_shape == (3, kv_heads, 13, 16)  # GQA read in place, not repeated
+        assert mask_dtype is None
+    else:  # the key-padding mask: the valid tokens unpadded into varlen_attention
+        tokens = int(mask.sum())
+        assert mask_dtype == "varlen" and q_shape == (tokens, 4, 16) and k_shape == (tokens, kv_heads, 16)
 
     (lo, lso, go), (lr, lsr, gr), (ln, lsn, gn) = results["ours"], results["ref"], results["naive"]
     keep = mask.bool()
     # Logits of padded positions: transformers' left-padded query rows see no key (all masked -> 0 in both
-    # PyTorch's SDPA and ours); compare every position anyway.
-    assert_by_rule("logits", lo, lr, ln, torch.float32)
+    # PyTorch's SDPA and ours), so every position is compared. Right-padded query rows are not computed by the
+    # unpadded path (0, as in transformers' flash-attention path; SDPA averages the row's values there): no
+    # kept position or label reads them, so only the kept positions are compared.
+    if padding != "right":
+        assert_by_rule("logits", lo, lr, ln, torch.float32)
     assert_by_rule("logits[kept]", lo[keep], lr[keep], ln[keep], torch.float32)
     assert_by_rule("loss", lso, lsr, lsn, torch.float32)
     assert set(go) == set(gr) and len(go) == len(list(models["ours"].parameters()))
@@ -143,6 +156,8 @@ def test_cached_decoding_step_matches_sdpa(device, kernel_calls):
             step = m(input_ids=nxt, attention_mask=step_mask, use_cache=True, **{cache_kw: pre.past_key_values})
             logits[key] = step.logits
     assert len(kernel_calls) == 2 * LAYERS
+    # the prefill (no cache offset) unpadded into varlen; the step reads the cache in place with the mask
+    assert [c[2] for c in kernel_calls] == ["varlen"] * LAYERS + [torch.bool] * LAYERS
     assert kernel_calls[-1][0] == (3, 4, 1, 16) and kernel_calls[-1][1] == (3, 2, 14, 16)
     assert_by_rule("decode logits", logits["ours"], logits["ref"], logits["naive"], torch.float32)
 

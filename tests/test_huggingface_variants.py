@@ -21,7 +21,8 @@ transformers = pytest.importorskip("transformers")
 
 from transformers import masking_utils  # noqa: E402
 
-from llmkernels import ops  # noqa: E402
+from llmkernels import ops, varlen  # noqa: E402
+from llmkernels.integrations import hf_varlen  # noqa: E402
 from llmkernels.integrations import huggingface as lk_hf  # noqa: E402
 from runnable import default_dispatch  # noqa: E402
 from test_huggingface import _run  # noqa: E402  (logits, loss and gradients of one training step)
@@ -82,21 +83,34 @@ def finite_eager_mask(monkeypatch):
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """What the attention function passes to llmkernels, per call: (q shape, mask shape or None, is_causal,
-    window_size, causal_alignment, softcap, sinks given); and it must reach our op each time."""
+    window_size, causal_alignment, softcap, sinks given); and it must reach our op each time. Unpadded batches
+    (varlen_attention) show "varlen" for the mask shape, bottom-right causal with the window as (W - 1, 0)."""
     calls, op_calls = [], []
     original, original_op = lk_hf.scaled_dot_product_attention, ops.sdpa_forward
+    original_varlen_call, original_varlen_op = hf_varlen.varlen_call, varlen.varlen_forward
 
     def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, **kw):
         calls.append((tuple(q.shape), None if attn_mask is None else tuple(attn_mask.shape), is_causal,
                       tuple(kw["window_size"]), kw["causal_alignment"], kw["softcap"], kw["sinks"] is not None))
         return original(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, **kw)
 
+    def varlen_spy(q, k, v, *args, window, softcap, **kw):
+        calls.append((tuple(q.shape), "varlen", True, (-1, -1) if window is None else (window - 1, 0),
+                      "bottom_right", softcap, False))
+        return original_varlen_call(q, k, v, *args, window=window, softcap=softcap, **kw)
+
     def op_spy(*args):
         op_calls.append(1)
         return original_op(*args)
 
+    def varlen_op_spy(*args):
+        op_calls.append(1)
+        return original_varlen_op(*args)
+
     monkeypatch.setattr(lk_hf, "scaled_dot_product_attention", spy)
     monkeypatch.setattr(ops, "sdpa_forward", op_spy)
+    monkeypatch.setattr(hf_varlen, "varlen_call", varlen_spy)
+    monkeypatch.setattr(varlen, "varlen_forward", varlen_op_spy)
     yield calls
     assert len(op_calls) == len(calls)
 
@@ -150,10 +164,13 @@ def test_logits_loss_and_gradients_match_transformers(kind, padding, device, ker
     ids, mask, labels = _batch(padding, device)
     results = {key: _run(m, ids, mask, labels) for key, m in models.items()}
     assert len(kernel_calls) == 2, "every layer's attention must run on llmkernels"
-    # the compact form: a (B, 1, 1, S) key-padding mask, causal bottom-right, the window as (W - 1, 0)
+    # the compact form, causal bottom-right, the window as (W - 1, 0): the valid tokens unpadded into
+    # varlen_attention (left and right padding keep each row's tokens contiguous, so the window is exact there);
+    # with sinks, which varlen has not, a (B, 1, 1, S) key-padding mask on the dense op
     sliding = [c for c in kernel_calls if c[3] != (-1, -1)]
     assert sliding and all(c[3] == (WINDOW - 1, 0) for c in sliding), kernel_calls
-    assert all(c[1] == (3, 1, 1, SEQ) and c[2] is True and c[4] == "bottom_right" for c in kernel_calls)
+    form = (3, 1, 1, SEQ) if kind == "gpt_oss" else "varlen"
+    assert all(c[1] == form and c[2] is True and c[4] == "bottom_right" for c in kernel_calls), kernel_calls
     assert all(c[5] == (2.0 if kind == "gemma2" else 0.0) for c in kernel_calls)
     assert all(c[6] == (kind == "gpt_oss") for c in kernel_calls)
 

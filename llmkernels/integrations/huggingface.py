@@ -24,13 +24,18 @@ reading an ``L x S`` mask:
   ``kv > q - W``);
 * bidirectional (``bidirectional_mask_function``) where the caller allows a skipped mask: a 4-D
   ``(B, 1, 1, S)`` key-padding mask (complete: the pattern is the padding alone);
-* anything else (a static cache, whose ``S`` is its capacity; packed sequences; the overlays of vision models;
+* causal (or sliding-window causal) attention inside packed documents (transformers' packed-sequence mask, built
+  from position ids that restart, without padding or cache offset): the documents' int32 ``cu_seqlens``, a 1-D
+  marker that ``attention_forward`` runs on ``varlen_attention`` (``hf_varlen.py``);
+* anything else (a static cache, whose ``S`` is its capacity; the overlays of vision models;
   any mask function not recognised here, or a caller that asks for a materialised mask): transformers' own
   full 4-D ``(B, 1, L, S)`` bool mask, which ``attention_forward`` applies as it is, with no causal rule or
   window of its own (the mask already holds them).
 
-So the number of dims tells the two apart, also at ``L = 1``: a 4-D mask (or any mask other than 2-D) is
-complete; ``None`` or a 2-D mask means "apply causality and the window bottom-right".
+So the number of dims tells the forms apart, also at ``L = 1``: a 1-D int32 tensor is the packed marker (never a
+valid SDPA mask: those are bool or float); a 4-D mask (or any other mask than 2-D) is complete; ``None`` or a 2-D
+mask means "apply causality and the window bottom-right". A 2-D key-padding mask without a cache offset is
+unpadded into ``varlen_attention`` where that is exact (see ``hf_varlen.py``; padded query rows give 0 there).
 
 Keywords transformers 5.x passes to attention functions (from the models' ``attention_interface(...)`` calls and
 ``TransformersKwargs``) and what happens to each:
@@ -38,10 +43,14 @@ Keywords transformers 5.x passes to attention functions (from the models' ``atte
 * honoured: ``dropout``, ``scaling``, ``is_causal``, ``sliding_window``, ``softcap`` (Gemma 2), ``s_aux`` /
   ``sinks`` (GPT-OSS attention sinks; differentiable), ``position_bias`` (an additive bias, T5-style);
 * no effect on the result: ``output_attentions`` (warned once: weights are not returned, use ``eager``),
-  ``output_hidden_states``, ``output_router_logits``, ``num_items_in_batch``, ``position_ids`` (transformers
-  derives the packed-sequence mask from them itself), ``deterministic``, ``use_cache``, ``cache_position``;
-* ``cu_seq_lens_q/k``, ``max_length_q/k``, ``seq_idx`` (packed sequences): accepted only with a complete 4-D
-  mask (transformers builds it from the same ``position_ids``), refused otherwise;
+  ``output_hidden_states``, ``output_router_logits``, ``num_items_in_batch``, ``deterministic``, ``use_cache``,
+  ``cache_position``;
+* ``cu_seq_lens_q/k``, ``max_length_q/k`` (packed sequences): with no mask they give the documents to
+  ``varlen_attention`` (as for FlashAttention); with the packed marker or a complete 4-D mask (both built from
+  the same ``position_ids``) the mask rules; with a 2-D padding mask they are refused. ``seq_idx``: only with a
+  complete mask or the marker;
+* ``position_ids``: with no mask and no cache offset, ids that restart within a row are packed documents (what
+  transformers' mask builder finds only without a cache object), run on ``varlen_attention``;
 * refused with an error: ``indices`` / ``block_indices`` (sparse attention), a ``head_mask``, and any other
   keyword that is not None, since it might change what attention computes.
 
@@ -63,7 +72,7 @@ from typing import Callable, Optional
 import torch
 
 from ..ops import scaled_dot_product_attention
-from . import hf_decode
+from . import hf_decode, hf_varlen
 
 try:
     import transformers
@@ -124,16 +133,25 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         _log.warning("attn_implementation='llmkernels' does not return attention weights (output_attentions); "
                      "use 'eager' for them")
     window = _window_keys(sliding_window, "sliding_window")
-    complete = attention_mask is not None and attention_mask.dim() != 2
-    packed = [k for k in _PACKING if kwargs.get(k) is not None]
-    if packed and not complete:
-        raise ValueError(f"attn_implementation='llmkernels' got {packed[0]} (packed sequences) without the complete "
-                         "4-D mask that separates them; let transformers build the mask from position_ids")
     cap = 0.0 if softcap is None else float(softcap)
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
     is_causal = bool(is_causal)
     B, S = query.shape[0], key.shape[2]
+    # Packed documents and unpadded batches run on varlen_attention (hf_varlen.py) where that is exact.
+    attention_mask = _marker_from_position_ids(attention_mask, kwargs, is_causal, query.shape[2], S, B)
+    packed_out = _packed_attention(query, key, value, attention_mask, kwargs, is_causal, dropout, scaling, window,
+                                   cap, sinks, position_bias)
+    if packed_out is not None:
+        return packed_out, None
+    if hf_varlen.is_packed_marker(attention_mask):
+        # Packed documents with sinks or an additive bias, which varlen does not take: their complete mask.
+        attention_mask = hf_varlen.dense_mask_of(attention_mask, B, S)
+    complete = attention_mask is not None and attention_mask.dim() != 2
+    packed = [k for k in _PACKING if kwargs.get(k) is not None]
+    if packed and not complete:
+        raise ValueError(f"attn_implementation='llmkernels' got {packed[0]} (packed sequences) without the complete "
+                         "4-D mask that separates them; let transformers build the mask from position_ids")
     mask = attention_mask
     window_size = (-1, -1)
     if complete:
@@ -178,6 +196,71 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     return out.transpose(1, 2).contiguous(), None
 
 
+def _packed_attention(query, key, value, attention_mask, kwargs, is_causal: bool, dropout, scaling, window, cap,
+                      sinks, position_bias) -> Optional[torch.Tensor]:
+    """The (B, L, Hq, Dv) output from varlen_attention for packed documents (the builder's marker, or the
+    cu_seq_lens_* kwargs with no mask) and for padded batches without a cache offset; None where the call needs
+    the masked dense path (see hf_varlen's docstring for when each is exact)."""
+    B, Hq, L, _ = query.shape
+    S = key.shape[2]
+    marker = hf_varlen.is_packed_marker(attention_mask)
+    given = kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None
+    if (marker or given or (attention_mask is not None and attention_mask.dim() == 2)) and not is_causal:
+        raise ValueError("attn_implementation='llmkernels': packed sequences or a 2-D key-padding attention_mask "
+                         "come from the causal mask builder, but this attention call is not causal (is_causal=False)")
+    if sinks is not None or position_bias is not None:
+        if given and attention_mask is None:
+            raise ValueError("attn_implementation='llmkernels': cu_seq_lens_q/k (packed sequences) with attention "
+                             "sinks or a position_bias need the packed mask transformers builds from position_ids "
+                             "(pass position_ids that restart per document)")
+        return None  # varlen has neither: the dense path with the complete mask
+    kw = dict(dropout=float(dropout), scale=scaling, window=window, softcap=cap)
+    if marker:
+        if L != S:
+            raise ValueError(f"attn_implementation='llmkernels': a packed-sequence marker needs queries and keys over "
+                             f"the same {L} tokens, got L={L}, S={S}")
+        max_len = hf_varlen.max_seqlen_of(attention_mask)
+        out = hf_varlen.varlen_call(*(hf_varlen.packed_tokens(t) for t in (query, key, value)), attention_mask,
+                                    attention_mask, max_len, max_len, **kw)
+        return out.view(B, L, Hq, -1)
+    if given and attention_mask is None:
+        cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+        if cu_q is None or cu_k is None:
+            raise ValueError("attn_implementation='llmkernels': pass both cu_seq_lens_q and cu_seq_lens_k")
+        max_q, max_k = (_host_int(kwargs.get(n), c) for n, c in (("max_length_q", cu_q), ("max_length_k", cu_k)))
+        out = hf_varlen.varlen_call(*(hf_varlen.packed_tokens(t) for t in (query, key, value)), cu_q.to(torch.int32),
+                                    cu_k.to(torch.int32), max_q, max_k, **kw)
+        return out.view(B, L, Hq, -1)
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.dtype == torch.bool \
+            and tuple(attention_mask.shape) == (B, S) and L == S and not given:
+        plan = hf_varlen.unpad_plan(attention_mask)
+        if window is None or plan.contiguous:
+            return hf_varlen.unpadded_attention(query, key, value, plan, **kw)
+    return None
+
+
+def _marker_from_position_ids(attention_mask, kwargs, is_causal: bool, L: int, S: int, B: int):
+    """No mask, but position ids that restart: packed documents that transformers' mask builder did not see (it
+    looks at position ids only when there is no cache object, i.e. with use_cache=False), as in transformers'
+    FlashAttention path: their marker. Anything else is returned unchanged."""
+    position_ids = kwargs.get("position_ids")
+    if attention_mask is not None or not is_causal or L != S or not isinstance(position_ids, torch.Tensor):
+        return attention_mask
+    if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
+        return attention_mask  # the kwargs say where the documents are
+    if position_ids.dim() != 2 or position_ids.shape[-1] != L or position_ids.shape[0] not in (1, B):
+        return attention_mask
+    found = hf_varlen.marker_from_position_ids(position_ids, B)
+    return attention_mask if found is None else found
+
+
+def _host_int(value, cu: torch.Tensor) -> int:
+    """max_length_q/k as a Python int (transformers passes ints; a tensor or a missing one is read here)."""
+    if value is None:
+        return hf_varlen.max_seqlen_of(cu)
+    return int(value)
+
+
 def _closure(fn: Callable) -> dict:
     code = getattr(fn, "__code__", None)
     cells = getattr(fn, "__closure__", None) or ()
@@ -214,6 +297,15 @@ def mask_builder(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
     from transformers import masking_utils as mu
     if mask_function is None:
         mask_function = mu.causal_mask_function
+    packed = hf_varlen.packed_sequence_pattern(mask_function)
+    if packed is not None and not kwargs.get("use_vmap", False):
+        inner, doc_ids = packed
+        no_padding = attention_mask is None or bool(attention_mask.all())
+        kind = _causal_window(inner)
+        if kind is not None and kind[0] == "causal" and no_padding and q_offset == 0 and kv_offset == 0 and \
+                q_length == kv_length == doc_ids.shape[1] and doc_ids.shape[0] in (1, batch_size):
+            # Causal (or windowed) attention inside each document: the documents' cu_seqlens, not a mask.
+            return hf_varlen.packed_marker(doc_ids.expand(batch_size, -1))
     pattern = _causal_window(mask_function)
     offsets_known = all(isinstance(o, int) and not isinstance(o, bool) for o in (q_offset, kv_offset))
     if pattern is not None and offsets_known and not kwargs.get("use_vmap", False):

@@ -26,7 +26,10 @@ when:
     attend within the shard. (PyTorch offers no supported way to plug another attention op into its context
     parallel: the handlers and ``_templated_ring_attention`` are private. ``llmkernels.distributed`` is the
     llmkernels way.) The context check is skipped while torch.compile traces;
-  * an input is a tensor subclass or has a ``__torch_function__`` override (nested tensors, ...);
+  * an input is a tensor subclass or has a ``__torch_function__`` override (strided nested tensors,
+    ...). Jagged nested tensors (all three inputs ``torch.jagged``) are routed to llmkernels' nested path
+    (``varlen_attention``) under the rules below; what that path refuses (an ``attn_mask``, as PyTorch's nested
+    SDPA also does, or head counts that differ) falls back with the contract's reason, so PyTorch answers;
   * it passes both ``attn_mask`` and ``is_causal=True``: PyTorch raises for that, llmkernels would combine them,
     so the caller keeps PyTorch's behaviour (a ``CausalBias`` mask with ``is_causal=True`` too: PyTorch's error);
   * the llmkernels contract rejects it (float64, mismatched dtypes, shapes, ...): PyTorch then runs it or raises
@@ -63,6 +66,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import CausalBias
 
 from .. import contract, dispatch
+from .. import nested as _nested
 from .. import ops as _ops
 
 __all__ = ["route_sdpa", "enable_sdpa_routing", "disable_sdpa_routing", "sdpa_routing_enabled", "routing_stats",
@@ -243,6 +247,8 @@ def _describe(query, key, value, attn_mask) -> str:
             return f"CausalBias({t.variant.name.lower()}, {t.seq_len_q}, {t.seq_len_kv})"
         if not isinstance(t, torch.Tensor):
             return type(t).__name__
+        if t.is_nested and t.layout != torch.jagged:  # a strided nested tensor has no .shape
+            return f"nested ({t.dim()}-D, strided layout) {str(t.dtype).replace('torch.', '')} {t.device}"
         return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} {t.device}"
     text = f"q {d(query)}, k {d(key)}, v {d(value)}"
     return text + (f", mask {d(attn_mask)}" if attn_mask is not None else "")
@@ -316,6 +322,9 @@ def _router(*args, **kwargs):
 
     if extra:
         return _fallback(REASON_EXTRA_ARGS, lambda: ", ".join(sorted(extra)), args, kwargs)
+    if all(_nested.is_jagged(t) for t in (query, key, value)):
+        return _route_nested(route, args, kwargs, query, key, value, attn_mask, dropout_p, is_causal, scale,
+                             enable_gqa, detail)
     # A CausalBias is a tensor subclass with a __torch_function__ override, but one the contract understands (it
     # becomes is_causal with its alignment), so it is not counted as a subclass here.
     causal_bias = isinstance(attn_mask, CausalBias)
@@ -365,6 +374,36 @@ def _router(*args, **kwargs):
                                                      enable_gqa, backend=name)
     return _ops.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                              backend=name)
+
+
+def _route_nested(route, args, kwargs, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                  detail):
+    """Jagged nested query, key and value: llmkernels' nested path (varlen_attention) where it takes the call,
+    else PyTorch's nested SDPA, counted like dense calls."""
+    autocast_dtype = None
+    if torch.is_autocast_enabled(query.device.type):
+        autocast_dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = (t.to(autocast_dtype) if t.is_floating_point() else t for t in (query, key, value))
+    try:
+        call = _nested.check_nested_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    except (TypeError, ValueError) as exc:  # an attn_mask, mismatched heads, ...: PyTorch's own answer
+        return _fallback(REASON_CONTRACT, lambda: detail(str(exc)), args, kwargs)
+    requested = dispatch.requested_backend(route.backend)
+    try:
+        name = dispatch.choose_varlen_backend(call.varlen, route.backend)
+    except dispatch.NotSupportedError as exc:
+        if route.strict:
+            raise
+        return _fallback(REASON_BACKEND, lambda: detail(str(exc)), args, kwargs)
+    if name == "reference" and requested == "auto":
+        def why() -> str:
+            reasons = dispatch.varlen_not_supported_reasons(call.varlen)
+            return detail("; ".join(f"{b}: {', '.join(r)}" for b, r in reasons.items() if r))
+        return _fallback(REASON_REFERENCE_ONLY, why, args, kwargs)
+    _stats._record("llmkernels", name, None, detail)
+    with torch.autocast(query.device.type, enabled=False) if autocast_dtype is not None else contextlib.nullcontext():
+        return _ops.scaled_dot_product_attention(query, key, value, None, dropout_p, is_causal, scale, enable_gqa,
+                                                 backend=name)
 
 
 # Shows as torch's function in help() and tracebacks, with a note that it is the router.
