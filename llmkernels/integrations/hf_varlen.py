@@ -37,7 +37,8 @@ _MAX_ATTR = "_llmkernels_max_seqlen"
 _PLAN_ATTR = "_llmkernels_unpad_plan"
 
 
-def _closure(fn: Callable) -> dict:
+def closure_values(fn: Callable) -> dict:
+    """The values a function closes over, by name (how transformers' mask functions carry their parameters)."""
     code = getattr(fn, "__code__", None)
     cells = getattr(fn, "__closure__", None) or ()
     if code is None or len(code.co_freevars) != len(cells):
@@ -55,7 +56,7 @@ def packed_sequence_pattern(mask_function: Callable):
         return None
     if getattr(mask_function, "__code__", None) is not mu.and_masks(mu.causal_mask_function).__code__:
         return None
-    parts = _closure(mask_function).get("mask_functions")
+    parts = closure_values(mask_function).get("mask_functions")
     if not (isinstance(parts, tuple) and len(parts) == 2):
         return None
     remap, same_doc = parts
@@ -65,8 +66,8 @@ def packed_sequence_pattern(mask_function: Callable):
         return None
     if getattr(same_doc, "__code__", None) is not mu.packed_sequence_mask_function(ids).__code__:
         return None
-    inner = _closure(remap).get("mask_function")
-    doc_ids = _closure(same_doc).get("packed_sequence_mask")
+    inner = closure_values(remap).get("mask_function")
+    doc_ids = closure_values(same_doc).get("packed_sequence_mask")
     if inner is None or not isinstance(doc_ids, torch.Tensor) or doc_ids.dim() != 2:
         return None
     return inner, doc_ids

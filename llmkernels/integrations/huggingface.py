@@ -261,14 +261,6 @@ def _host_int(value, cu: torch.Tensor) -> int:
     return int(value)
 
 
-def _closure(fn: Callable) -> dict:
-    code = getattr(fn, "__code__", None)
-    cells = getattr(fn, "__closure__", None) or ()
-    if code is None or len(code.co_freevars) != len(cells):
-        return {}
-    return dict(zip(code.co_freevars, (c.cell_contents for c in cells)))
-
-
 def _causal_window(mask_function: Callable):
     """``("causal", None)``, ``("causal", W)`` or ``("bidirectional", None)`` for the mask functions of
     transformers that have a compact form; None for any other. Recognised by identity and by the code object of
@@ -279,11 +271,11 @@ def _causal_window(mask_function: Callable):
     if mask_function is mu.bidirectional_mask_function:
         return ("bidirectional", None)
     if getattr(mask_function, "__code__", None) is mu.and_masks(mu.causal_mask_function).__code__:
-        parts = _closure(mask_function).get("mask_functions")
+        parts = hf_varlen.closure_values(mask_function).get("mask_functions")
         if isinstance(parts, tuple) and len(parts) == 2 and parts[1] is mu.causal_mask_function:
             overlay = parts[0]
             if getattr(overlay, "__code__", None) is mu.sliding_window_overlay(1).__code__:
-                w = _closure(overlay).get("sliding_window")
+                w = hf_varlen.closure_values(overlay).get("sliding_window")
                 if isinstance(w, int) and not isinstance(w, bool) and w >= 1:
                     return ("causal", w)
     return None

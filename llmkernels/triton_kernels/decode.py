@@ -32,7 +32,7 @@ import triton.language as tl
 
 from .. import _alloc
 from .attention.ranges import _visible
-from .attention.tiles import _tanh
+from .attention.tiles import _score_scale, _score_unit, _tanh
 from .interpreter import interpreting
 
 INTERPRETING = interpreting()
@@ -86,13 +86,9 @@ def _decode_split_kernel(Q, K, V, SeqlensK, BlockTable, Alibi, Out, Lse, OutPart
     start = lo + split * per_split
     end = tl.minimum(start + per_split, hi)
 
-    unit = 1.4426950408889634  # scores in base 2: exp(x) = exp2(x * log2(e))
-    if HAS_SOFTCAP:
-        qk_scale = scale / softcap
-        cap_unit = softcap * unit
-    else:
-        qk_scale = scale * unit
-        cap_unit = unit
+    # Scores in base 2 (no mask here): the dense kernels' scale and softcap units.
+    qk_scale, cap_unit = _score_scale(scale, softcap, False, False, HAS_SOFTCAP)
+    unit = _score_unit(False, False)
     slope = tl.zeros([BLOCK_M], tl.float32)
     if HAS_ALIBI:
         slope = tl.load(Alibi + off_b.to(tl.int64) * stride_alibi_b + h * stride_alibi_h, mask=row_ok,
