@@ -172,14 +172,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         supports the inputs). See ``llmkernels.use_backend`` and the ``LLMKERNELS_BACKEND`` variable.
     deterministic: which backward the Triton backend runs. ``None`` (the default) follows
         ``torch.are_deterministic_algorithms_enabled()`` when the backward runs on a GPU (in Triton's interpreter
-        it takes the deterministic backward, the one GPU calls take today); ``True`` forces the
+        it takes the deterministic backward); ``True`` forces the
         deterministic separate-pass backward (dK/dV and dQ in their own kernels, every element summed in a fixed
         order; it recomputes Q K^T and dO V^T for dQ: 7 matrix products per tile pair); ``False`` allows the
         fused backward (5 products per tile pair), which adds each key block's part of dQ into an fp32
         workspace of ``B * Hq * L * E`` floats with atomic adds, so dQ's fp32 summation order, and with it
         dQ's last bits, change from run to run (dK, dV do not). Calls the fused kernel does not cover (a float
-        mask that needs its gradient; on a GPU, head dims, dtypes and variants without a spill-free fused
-        config: every GPU call today) take the deterministic backward whatever the flag. The reference backend
+        mask that needs its gradient; on a GPU, fp32 and head dims above 128, which have no spill-free fused
+        config) take the deterministic backward whatever the flag. The reference backend
         is deterministic; the CUDA backend ignores the flag and adds dQ with fp32 atomics (not bitwise
         repeatable).
 

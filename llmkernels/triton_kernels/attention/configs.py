@@ -422,22 +422,61 @@ def _tuned_fwd_tma(kernel_fn):
 # The fused backward (backward_fused.py): BLOCK_N keys held (K, V, dK, dV in registers), BLOCK_M queries streamed,
 # dQ added atomically. (arch family, precision, head-dim bucket, variant) -> configs; None or absent: no fused
 # config is offered, and such calls take the separate-pass backward (launch.fused_backward_reasons says so).
-# BLOCK_M = 64 keeps the dQ product (M = the query block) on wgmma on sm_90; its other products have M = BLOCK_N.
-# Empty for now: every candidate below spilled in the static compile check (triton 3.8, heaviest base flags:
-# causal + additive fp32 mask), so no GPU call takes the fused backward until a spill-free tile is found; the
-# kernel runs (and is tested) in the interpreter, and on a GPU `deterministic=False` changes nothing.
-FUSED_CONFIGS = {}
-# Calls with the score rule or dropout: (arch family, precision, bucket, variant, True) -> configs where they
-# differ from FUSED_CONFIGS[(family, precision, bucket, variant)].
-FUSED_RULE_CONFIGS = {}
+# Every entry compiles with 0 spills, the architecture's matrix instruction (HGMMA on sm_90, HMMA on sm_80) and
+# atomic reductions in its SASS, under triton 3.6 and 3.8, for fp16 and bf16, with its variant's heaviest flags
+# (causal + additive fp32 mask [+ dropout], and with the score rule: window + softcap + ALiBi; specs._fused_specs).
+# The five products hold K, V, dK, dV (BLOCK_N x head dim each) for the whole program, so the key block is small
+# and the query block smaller still: BLOCK_N = 64 (4 warps, one warpgroup) or 128 (8 warps) keeps the four
+# products whose M side is the key block on wgmma on sm_90; the dQ product (M = BLOCK_M) runs on wgmma only with
+# BLOCK_M = 64 (the M64 N32 tile, whose other products take mma.sync), otherwise on mma.sync. One pipeline stage
+# (no prefetched Q / dO tile) is what frees the registers in most entries. Which entry is fastest is unmeasured:
+# the autotuner picks per call on the GPU.
+FUSED_CONFIGS = {
+    (90, "half", 64, "base"): [_cfg(32, 128, 8, 2), _cfg(32, 64, 4, 1)],
+    (90, "half", 64, "dropout"): [_cfg(16, 128, 8, 1), _cfg(16, 64, 4, 1)],
+    (90, "half", 128, "base"): [_cfg(32, 64, 8, 1), _cfg(16, 64, 8, 2)],
+    (90, "half", 128, "dropout"): [_cfg(64, 32, 8, 1)],
+    (80, "half", 64, "base"): [_cfg(32, 64, 4, 1), _cfg(16, 128, 8, 1)],
+    (80, "half", 64, "dropout"): [_cfg(32, 64, 8, 1), _cfg(16, 64, 8, 1)],
+    (80, "half", 128, "base"): [_cfg(32, 64, 8, 2), _cfg(16, 64, 8, 1)],
+    (80, "half", 128, "dropout"): [_cfg(16, 64, 8, 1), _cfg(64, 32, 8, 1)],
+}
+# Calls with the score rule: (arch family, precision, bucket, variant, True) -> configs where they differ from
+# FUSED_CONFIGS[(family, precision, bucket, variant)] (one more live tile per score: the softcap's gradient).
+FUSED_RULE_CONFIGS = {
+    (90, "half", 64, "base", True): [_cfg(32, 128, 8, 1), _cfg(32, 64, 4, 1)],
+    (90, "half", 128, "base", True): [_cfg(16, 64, 8, 2), _cfg(16, 64, 8, 1)],
+    (80, "half", 64, "base", True): [_cfg(32, 64, 4, 1), _cfg(16, 64, 4, 1)],
+    (80, "half", 64, "dropout", True): [_cfg(16, 64, 8, 1), _cfg(32, 32, 4, 1)],
+    (80, "half", 128, "base", True): [_cfg(32, 64, 8, 1), _cfg(16, 64, 8, 2)],
+    (80, "half", 128, "dropout", True): [_cfg(64, 32, 8, 1)],
+}
+# What the static check rejected (spill bytes per thread, triton 3.8 / 3.6, fp16 and bf16 alike within a few
+# bytes); the tables above hold the spill-free tiles of the same sweep.
 FUSED_EXCLUDED = [
     (90, "attn_bwd_fused fp16/bf16 head dim 64, M64 N128 w8 s2 and M64 N64 w4 s2",
      "spill 424 and 480 B on sm_90 under triton 3.8 (576 / 640 B with the score rule); 255 registers, HGMMA 24 / 20"),
     (90, "attn_bwd_fused fp16/bf16 head dim 65-128, M64 N128 w8 s2 and M64 N64 w8 s2",
      "spill 760 and 368 B on sm_90 under triton 3.8 (968 / 520 B with the score rule); 193.5 / 145.5 KiB smem"),
+    (90, "attn_bwd_fused fp16/bf16 head dim 64: M32 N128 w8 s2 with the score rule; with dropout M32 N128 w8 s1/s2 "
+         "and M32 N64 w4 s1; with dropout and the score rule M16 N64 w4 s2",
+     "spill 40-48 B (rule), 48-136 B (dropout), 24-48 B (dropout + rule) on sm_90; M32 N128 w8 s1 / M16 N128 "
+     "w8 s1 / M16 N64 w4 s1 offered instead"),
+    (90, "attn_bwd_fused fp16/bf16 head dim 65-128: M16 N128 w8 s1; M32 N64 w8 s1 with the score rule or dropout; "
+         "with dropout M16 N64 w8 s1/s2 and M64 N32 w8 s2",
+     "spill 8 B (3.6) / 48 B (rule) / 128-168 B (dropout) for M16 N128; 72-144 B for M32 N64 w8 s1; 8-72 B for "
+     "the dropout tiles; with dropout only M64 N32 w8 s1 is spill-free (its dQ product alone on wgmma)"),
     (80, "attn_bwd_fused fp16/bf16 head dim 64, M64 N128 w8 s2 and M64 N64 w4 s2",
      "spill 112 B each on sm_80 under triton 3.8 (712 / 808 B with the score rule); 16 / 32 RED per program"),
     (80, "attn_bwd_fused fp16/bf16 head dim 65-128, M64 N64 w8 s2", "spills 88 B on sm_80 under triton 3.8"),
+    (80, "attn_bwd_fused fp16/bf16 head dim 64: M32 N64 w4 s2, M32 N128 w8 s1/s2, M64 N64 w8 s1; M16 N128 w8 s1 "
+         "with the score rule or dropout; M16 N64 w4 s1 and M64 N32 w8 s1 with dropout (and the rule)",
+     "spill 16-80 B without dropout, 40-528 B with it, on sm_80; M32 N64 w4 s1 / M16 N64 w4 s1 and with dropout "
+     "M32 N64 w8 s1 / M16 N64 w8 s1 / M32 N32 w4 s1 offered instead"),
+    (80, "attn_bwd_fused fp16/bf16 head dim 65-128: M32 N64 w8 s2 with the score rule or dropout; M32 N64 w8 s1, "
+         "M16 N64 w8 s2 and M32 N32 w4 s1 with dropout; M16 N64 w8 s1 with dropout and the score rule",
+     "spill 80 B (rule), 144-176 B, 48-112 B, 8-16 B, 24-32 B, 56 B (triton 3.6) on sm_80; with dropout and the "
+     "rule only M64 N32 w8 s1 is offered"),
 ]
 
 
