@@ -367,8 +367,9 @@ PROVIDERS = [
 ]
 
 
-def providers_for(op: str) -> list:
-    return [p for p in PROVIDERS if p.op == op]
+def providers_for(op: str, varlen: bool = False) -> list:
+    """The providers of one op: the dense rows' (default) or the packed variable-length rows' (varlen=True)."""
+    return [p for p in PROVIDERS if p.op == op and p.varlen == varlen]
 
 
 def provider_names(op: Optional[str] = None) -> list:

@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from benchmarks import metrics, workloads  # noqa: E402
 from benchmarks.providers import PROVIDERS, provider_names  # noqa: E402
+from llmkernels.triton_kernels.compile_report import KERNEL_MODULES  # noqa: E402
 
 
 def _brute_causal_pairs(L, S):
@@ -205,7 +206,7 @@ def test_static_report_picks_one_bf16_config_per_kernel_and_reports_missing_modu
     monkeypatch.setattr(static_report, "_module", missing)
     out = static_report.triton_report((90, 80), full=False, jobs=1)
     assert out["configs"] == []
-    assert {(u["module"], u["arch"]) for u in out["unavailable"]} == {(m, a) for m in ("attention", "softmax")
+    assert {(u["module"], u["arch"]) for u in out["unavailable"]} == {(m, a) for m in KERNEL_MODULES
                                                                       for a in (90, 80)}
     assert all("ModuleNotFoundError" in u["reason"] for u in out["unavailable"])
 

@@ -32,7 +32,7 @@ def kernel_calls(monkeypatch):
     original = ops.sdpa_forward
 
     def spy(*args):
-        calls.append(args[-1])  # the backend name
+        calls.append(args[14])  # the backend name (sdpa_forward(q, k, v, ..., sinks, backend, deterministic))
         return original(*args)
 
     monkeypatch.setattr(ops, "sdpa_forward", spy)
