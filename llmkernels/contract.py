@@ -292,19 +292,15 @@ class AttentionArgs:
         return f"B={B} Hq={Hq} Hkv={self.k.shape[1]} L={L} S={self.k.shape[2]} E={E} Ev={self.v.shape[3]}"
 
 
-def check_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                    enable_gqa=False, dtypes=SUPPORTED_DTYPES, *, window_size=(-1, -1), causal_alignment=None,
-                    softcap=0.0, alibi_slopes=None, sinks=None) -> AttentionArgs:
-    """Validate scaled_dot_product_attention's arguments and bring them into canonical form.
-
-    ``dtypes``: the accepted input dtypes (the reference also takes float64). A ``CausalBias`` attn_mask
-    becomes is_causal=True with its alignment and no mask (it is a tensor subclass whose storage is not a mask:
-    it must never be read as one)."""
+def check_query_key_value(query, key, value, dtypes, rank_ok, rank_wanted: str) -> None:
+    """The checks every attention entry point makes of query, key and value: tensors of an accepted float dtype,
+    of a rank ``rank_ok`` accepts (``rank_wanted`` says which in the error), one dtype, one device, and the same
+    head dim for query and key."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_tensor(name, t)
         _check_float_dtype(name, t, dtypes)
-        if t.dim() < 2:
-            raise ValueError(f"{name} must have at least 2 dims (..., seq, head_dim), got shape {tuple(t.shape)}")
+        if not rank_ok(t.dim()):
+            raise ValueError(f"{name} must {rank_wanted}, got shape {tuple(t.shape)}")
     if not (query.dtype == key.dtype == value.dtype):
         raise TypeError(f"query, key and value must share one dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
     if not (query.device == key.device == value.device):
@@ -313,6 +309,19 @@ def check_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
     E, Ek = query.shape[-1], key.shape[-1]
     if E != Ek:
         raise ValueError(f"query and key must have the same head dim, got query {E} and key {Ek}")
+
+
+def check_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                    enable_gqa=False, dtypes=SUPPORTED_DTYPES, *, window_size=(-1, -1), causal_alignment=None,
+                    softcap=0.0, alibi_slopes=None, sinks=None) -> AttentionArgs:
+    """Validate scaled_dot_product_attention's arguments and bring them into canonical form.
+
+    ``dtypes``: the accepted input dtypes (the reference also takes float64). A ``CausalBias`` attn_mask
+    becomes is_causal=True with its alignment and no mask (it is a tensor subclass whose storage is not a mask:
+    it must never be read as one)."""
+    check_query_key_value(query, key, value, dtypes, lambda rank: rank >= 2,
+                          "have at least 2 dims (..., seq, head_dim)")
+    E = query.shape[-1]
     if E == 0:
         raise ValueError("query and key have head dim 0; the head dim must be at least 1")
     S, Sv = key.shape[-2], value.shape[-2]

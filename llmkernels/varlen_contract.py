@@ -25,8 +25,8 @@ from typing import Optional
 
 import torch
 
-from .contract import (SUPPORTED_DTYPES, ScoreRule, _check_float_dtype, _check_rule_tensor, _check_scale,
-                       _check_softcap, _check_tensor, _check_window_size)
+from .contract import (SUPPORTED_DTYPES, ScoreRule, _check_rule_tensor, _check_scale, _check_softcap,
+                       _check_window_size, check_query_key_value)
 
 
 @dataclass
@@ -114,20 +114,10 @@ def check_varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, max_se
                            dtypes=SUPPORTED_DTYPES) -> VarlenArgs:
     """Validate varlen_attention's arguments (metadata always; values as the module docstring says) and bring
     them into canonical form. ``dtypes``: the accepted input dtypes (the reference also takes float64)."""
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        _check_tensor(name, t)
-        _check_float_dtype(name, t, dtypes)
-        if t.dim() != 3:
-            raise ValueError(f"{name} must be 3-D (total_tokens, heads, head_dim), got shape {tuple(t.shape)}")
-    if not (query.dtype == key.dtype == value.dtype):
-        raise TypeError(f"query, key and value must share one dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
-    if not (query.device == key.device == value.device):
-        raise ValueError(f"query, key and value must be on one device, got {query.device}, {key.device}, "
-                         f"{value.device}")
+    check_query_key_value(query, key, value, dtypes, lambda rank: rank == 3,
+                          "be 3-D (total_tokens, heads, head_dim)")
     Tq, Hq, E = query.shape
-    Tk, Hkv, Ek = key.shape
-    if E != Ek:
-        raise ValueError(f"query and key must have the same head dim, got query {E} and key {Ek}")
+    Tk, Hkv, _ = key.shape
     if E == 0:
         raise ValueError("query and key have head dim 0; the head dim must be at least 1")
     if value.shape[0] != Tk:
