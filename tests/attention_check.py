@@ -114,3 +114,14 @@ def check_attention(backend, keep_mask, q, k, v, mask=None, *, is_causal=False, 
         assert_by_rule(name, ours_g, ref_g, naive_g, dtype)
     check_attention.last_inputs = ours_in
     return out, lse, ours_grads
+
+
+def random_mask(kind, B, L, S, g, device, keep_fraction=0.85):
+    """A random (B, 1, L, S) mask of ``kind`` from generator ``g``, broadcast over heads: None; "bool" (True on
+    about ``keep_fraction`` of the keys); "float" (normal noise on those keys, -inf on the others)."""
+    if kind is None:
+        return None
+    keep = torch.rand(B, 1, L, S, generator=g) < keep_fraction
+    if kind == "bool":
+        return keep.to(device)
+    return torch.randn(B, 1, L, S, generator=g).masked_fill(~keep, float("-inf")).to(device)

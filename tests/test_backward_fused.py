@@ -15,7 +15,7 @@ import torch
 import llmkernels
 from conftest import HAS_GPU
 from llmkernels.triton_kernels import attention as triton_attention
-from attention_check import check_attention
+from attention_check import check_attention, random_mask
 
 launch = triton_attention.launch
 
@@ -47,15 +47,6 @@ def _inputs(B, Hq, Hkv, L, S, E, Ev, dtype, seed, device, positive=False):
     return q, k, v, g
 
 
-def _mask(kind, B, L, S, g, device):
-    if kind is None:
-        return None
-    keep = torch.rand(B, 1, L, S, generator=g) < 0.8
-    if kind == "bool":
-        return keep.to(device)
-    return torch.randn(B, 1, L, S, generator=g).masked_fill(~keep, float("-inf")).to(device)
-
-
 # name: (dtype, B, Hq, Hkv, L, S, E, Ev, mask kind, dropout_p, keyword arguments)
 CASES = {
     "fp16_causal_gqa_odd": (torch.float16, 1, 4, 2, 37, 45, 24, 24, None, 0.0, dict(is_causal=True)),
@@ -79,7 +70,7 @@ def test_fused_backward_matches_float64_reference(name, device, fused_calls):
         kw["alibi_slopes"] = (torch.rand(B, Hq, generator=g) * 0.5).to(device)
     if kw.pop("sinks", None):
         kw["sinks"] = torch.randn(Hq, generator=g).to(device, torch.float32)
-    mask = _mask(mask_kind, B, L, S, g, device)
+    mask = random_mask(mask_kind, B, L, S, g, device, keep_fraction=0.8)
     check_attention("triton", _keep_mask, q, k, v, mask, enable_gqa=True, dropout_p=dropout_p, seed=L,
                     deterministic=False, **kw)
     assert fused_calls == [dtype], "the fused backward did not run"
@@ -98,7 +89,7 @@ def test_float_mask_gradient_takes_the_separate_passes(device, fused_calls):
     """dS for a float mask is written by the separate-pass dQ kernel: the fused one declines, with its reason,
     and the result is still right."""
     q, k, v, g = _inputs(1, 2, 2, 19, 23, 16, 16, torch.float16, seed=4, device=device)
-    mask = _mask("float", 1, 19, 23, g, device)
+    mask = random_mask("float", 1, 19, 23, g, device, keep_fraction=0.8)
     reasons = launch.fused_backward_reasons(q, k, v, mask, 0.0, True)
     assert reasons and "mask's gradient" in reasons[0]
     assert launch.fused_backward_reasons(q, k, v, mask, 0.0, False) == []

@@ -16,7 +16,7 @@ import torch
 from llmkernels.triton_kernels import attention as triton_attention
 from llmkernels.triton_kernels.attention import forward_tma, launch
 from llmkernels.triton_kernels.interpreter import interpreting
-from attention_check import check_attention
+from attention_check import check_attention, random_mask
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -52,15 +52,6 @@ def _inputs(B, Hq, Hkv, L, S, E, Ev, dtype, seed, device, layout="bhld"):
     return q, k, v, g
 
 
-def _mask(kind, B, L, S, g, device):
-    if kind is None:
-        return None
-    keep = torch.rand(B, 1, L, S, generator=g) < 0.85
-    if kind == "bool":
-        return keep.to(device)
-    return torch.randn(B, 1, L, S, generator=g).masked_fill(~keep, float("-inf")).to(device)
-
-
 # name: (loads, dtype, B, Hq, Hkv, L, S, E, Ev, mask, dropout_p, layout, variant kwargs)
 CASES = {
     "fp16_causal_gqa_ragged": ("tma", "fp16", 1, 4, 2, 37, 45, 32, 32, None, 0.0, "bhld", dict(is_causal=True)),
@@ -85,7 +76,7 @@ def test_descriptor_forward_matches_float64_reference(name, device, monkeypatch,
         kw["alibi_slopes"] = (torch.rand(B, Hq, generator=g) * 0.5).to(device)
     if kw.get("sinks"):
         kw["sinks"] = torch.randn(Hq, generator=g).to(device, dtype)
-    mask = _mask(mask_kind, B, L, S, g, device)
+    mask = random_mask(mask_kind, B, L, S, g, device)
     check_attention("triton", _keep_mask, q, k, v, mask, enable_gqa=Hq != Hkv, dropout_p=dropout_p, seed=L, **kw)
     if interpreting():
         assert loads_spy and set(loads_spy) == {loads}, loads_spy

@@ -12,7 +12,7 @@ import torch
 import llmkernels
 from llmkernels import dispatch, contract
 from llmkernels.triton_kernels import attention as triton_attention
-from attention_check import check_attention
+from attention_check import check_attention, random_mask
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -28,15 +28,6 @@ def _inputs(B, Hq, Hkv, L, S, E, Ev, dtype, seed, device):
     k = torch.randn(B, Hkv, S, E, generator=g).to(device, dtype)
     v = torch.randn(B, Hkv, S, Ev, generator=g).to(device, dtype)
     return q, k, v, g
-
-
-def _mask(kind, B, Hq, L, S, g, device):
-    if kind is None:
-        return None
-    keep = torch.rand(B, 1, L, S, generator=g) < 0.85
-    if kind == "bool":
-        return keep.to(device)
-    return torch.randn(B, 1, L, S, generator=g).masked_fill(~keep, float("-inf")).to(device)
 
 
 # name: (dtype, B, Hq, Hkv, L, S, E, Ev, mask kind, dropout_p, variant kwargs); "alibi": (B, Hq) slopes,
@@ -77,7 +68,7 @@ def test_variant_matches_float64_reference(name, device):
     dtype = DTYPES[dt]
     q, k, v, g = _inputs(B, Hq, Hkv, L, S, E, Ev, dtype, seed=L * S, device=device)
     kw = _variant(kw, B, Hq, g, device)
-    mask = _mask(mask_kind, B, Hq, L, S, g, device)
+    mask = random_mask(mask_kind, B, L, S, g, device)
     calls = []
     original = triton_attention.attention_forward
 
@@ -110,7 +101,7 @@ def test_dense_backward_applies_the_rule(device):
     as the kernels: compared with the Triton backward on a shape that runs it everywhere."""
     B, Hq, Hkv, L, S, E = 1, 2, 1, 21, 26, 16
     q, k, v, g = _inputs(B, Hq, Hkv, L, S, E, E, torch.float32, seed=5, device=device)
-    mask = _mask("float", B, Hq, L, S, g, device).expand(B, Hq, L, S)
+    mask = random_mask("float", B, L, S, g, device).expand(B, Hq, L, S)
     rule = contract.ScoreRule(window_left=4, bottom_right=True, softcap=1.5,
                               alibi_slopes=(torch.rand(B, Hq, generator=g) * 0.5).to(device),
                               sinks=torch.randn(Hq, generator=g).to(device))
