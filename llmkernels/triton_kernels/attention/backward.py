@@ -64,6 +64,48 @@ def _attn_bwd_preprocess_kernel(Out, dO, GradLse, Lse, Delta, ScoreLse,
 
 
 @triton.jit
+def _attn_bwd_transposed_tile(k, Q_base, dO_base, ScoreLse_base, Delta_base, mask_base, q_offs, do_offs, mask_offs,
+                              start_m, offs_m0, offs_d, offs_dv, offs_n, col_ok, L, S, stride_qm, stride_dom,
+                              stride_mask_m, qk_scale, cap_unit, slope, diag, win_left, win_right, seed, philox_cols,
+                              dropout_p, DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
+                              HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                              HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                              HAS_ALIBI: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
+                              HAS_DROPOUT: tl.constexpr, CHECK: tl.constexpr):
+    """One query block (rows start_m + offs_m0) against a program's key block k, keys along axis 0: the opening
+    of every step of the dK/dV pass here and of the fused backward (backward_fused.py). Returns the rows, their
+    bound, the dropout keep bits (0 without dropout), the Q and dO tiles, P^T = exp(S^T - lse), the softcap's
+    gradient factor (0.0 without softcap) and the rows' delta."""
+    offs_m = start_m + offs_m0
+    row_ok = offs_m < L
+    start64 = tl.cast(start_m, tl.int64)
+    keep = 0
+    if HAS_DROPOUT:
+        # Drawn first: the Philox temporaries die before the dots, and only the keep bits stay live.
+        keep = _dropout_keep(seed, philox_cols[:, None], (offs_m.to(tl.int64) * S)[None, :], dropout_p)
+    q = _load_rows(Q_base + start64 * stride_qm + q_offs, offs_m, L, offs_d, HEAD_DIM, BLOCK_D, CHECK)
+    mask_ptrs = mask_base + start64 * stride_mask_m + mask_offs
+    if CHECK:
+        # Rows past L: score_lse = +inf makes their weights 0 (and their q, dO are 0).
+        score_lse = tl.load(ScoreLse_base + offs_m, mask=row_ok, other=float("inf"))
+        delta = tl.load(Delta_base + offs_m, mask=row_ok, other=0.0)
+    else:
+        score_lse = tl.load(ScoreLse_base + offs_m)
+        delta = tl.load(Delta_base + offs_m)
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+    cap_grad_t = 0.0
+    if HAS_SOFTCAP:
+        cap_grad_t = _tanh_grad(s_t)
+        s_t = _tanh(s_t) * cap_unit
+    # Queries run along axis 1 here; the causal test "key <= query" reads offs_n[:, None] <= offs_m[None, :].
+    s_t = _masked_scores(s_t, mask_ptrs, row_ok[None, :], col_ok, offs_m[None, :], offs_n[:, None], diag,
+                         win_left, win_right, slope, HAS_MASK, MASK_IS_BOOL, HAS_ALIBI, LEFT, RIGHT, CHECK)
+    p_t = _exp_scores(s_t - score_lse[None, :], HAS_MASK, MASK_IS_BOOL)
+    do = _load_rows(dO_base + start64 * stride_dom + do_offs, offs_m, L, offs_dv, HEAD_DIM_V, BLOCK_DV, CHECK)
+    return offs_m, row_ok, keep, q, do, p_t, cap_grad_t, delta
+
+
+@triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, dO_base, ScoreLse_base, Delta_base, mask_base, lo, hi, offs_n,
                          col_ok, L, S, stride_qm, stride_qd, stride_dom, stride_dod, stride_mask_m, qk_scale,
                          cap_unit, slope, diag, win_left, win_right, seed, philox_cols, dropout_p,
@@ -85,30 +127,11 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, dO_base, ScoreLse_base, Delta_bas
     do_offs = offs_m0[:, None] * stride_dom + offs_dv[None, :] * stride_dod
     mask_offs = offs_m0[None, :] * stride_mask_m
     for start_m in range(lo, hi, BLOCK_M):
-        offs_m = start_m + offs_m0
-        row_ok = offs_m < L
-        start64 = tl.cast(start_m, tl.int64)
-        if HAS_DROPOUT:
-            # Drawn first: the Philox temporaries die before the dots, and only the keep bits stay live.
-            keep = _dropout_keep(seed, philox_cols[:, None], (offs_m.to(tl.int64) * S)[None, :], dropout_p)
-        q = _load_rows(Q_base + start64 * stride_qm + q_offs, offs_m, L, offs_d, HEAD_DIM, BLOCK_D, CHECK)
-        mask_ptrs = mask_base + start64 * stride_mask_m + mask_offs
-        if CHECK:
-            # Rows past L: score_lse = +inf makes their weights 0 (and their q, dO are 0).
-            score_lse = tl.load(ScoreLse_base + offs_m, mask=row_ok, other=float("inf"))
-            delta = tl.load(Delta_base + offs_m, mask=row_ok, other=0.0)
-        else:
-            score_lse = tl.load(ScoreLse_base + offs_m)
-            delta = tl.load(Delta_base + offs_m)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-        if HAS_SOFTCAP:
-            cap_grad_t = _tanh_grad(s_t)
-            s_t = _tanh(s_t) * cap_unit
-        # Queries run along axis 1 here; the causal test "key <= query" reads offs_n[:, None] <= offs_m[None, :].
-        s_t = _masked_scores(s_t, mask_ptrs, row_ok[None, :], col_ok, offs_m[None, :], offs_n[:, None], diag,
-                             win_left, win_right, slope, HAS_MASK, MASK_IS_BOOL, HAS_ALIBI, LEFT, RIGHT, CHECK)
-        p_t = _exp_scores(s_t - score_lse[None, :], HAS_MASK, MASK_IS_BOOL)
-        do = _load_rows(dO_base + start64 * stride_dom + do_offs, offs_m, L, offs_dv, HEAD_DIM_V, BLOCK_DV, CHECK)
+        offs_m, row_ok, keep, q, do, p_t, cap_grad_t, delta = _attn_bwd_transposed_tile(
+            k, Q_base, dO_base, ScoreLse_base, Delta_base, mask_base, q_offs, do_offs, mask_offs, start_m, offs_m0,
+            offs_d, offs_dv, offs_n, col_ok, L, S, stride_qm, stride_dom, stride_mask_m, qk_scale, cap_unit, slope,
+            diag, win_left, win_right, seed, philox_cols, dropout_p, DOT_PRECISION, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+            BLOCK_DV, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP, HAS_ALIBI, LEFT, RIGHT, HAS_DROPOUT, CHECK)
         if DO_DV:
             if HAS_DROPOUT:
                 p_dropped_t = tl.where(keep, p_t * (1.0 / (1.0 - dropout_p)), 0.0)

@@ -26,9 +26,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .backward import _attn_bwd_transposed_tile
 from .ranges import _key_range, _query_range
-from .tiles import (_dropout_keep, _exp_scores, _load_rows, _masked_scores, _score_scale, _score_unit, _tanh,
-                    _tanh_grad)
+from .tiles import _load_rows, _score_scale, _score_unit
 
 
 @triton.jit
@@ -53,27 +53,11 @@ def _attn_bwd_fused_inner(dk, dv, k, v, Q_base, dO_base, ScoreLse_base, Delta_ba
     dq_offs = offs_m0[:, None] * HEAD_DIM + offs_d[None, :]
     dq_cols_ok = offs_d[None, :] < HEAD_DIM
     for start_m in range(lo, hi, BLOCK_M):
-        offs_m = start_m + offs_m0
-        row_ok = offs_m < L
-        start64 = tl.cast(start_m, tl.int64)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, philox_cols[:, None], (offs_m.to(tl.int64) * S)[None, :], dropout_p)
-        q = _load_rows(Q_base + start64 * stride_qm + q_offs, offs_m, L, offs_d, HEAD_DIM, BLOCK_D, CHECK)
-        mask_ptrs = mask_base + start64 * stride_mask_m + mask_offs
-        if CHECK:
-            score_lse = tl.load(ScoreLse_base + offs_m, mask=row_ok, other=float("inf"))
-            delta = tl.load(Delta_base + offs_m, mask=row_ok, other=0.0)
-        else:
-            score_lse = tl.load(ScoreLse_base + offs_m)
-            delta = tl.load(Delta_base + offs_m)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-        if HAS_SOFTCAP:
-            cap_grad_t = _tanh_grad(s_t)
-            s_t = _tanh(s_t) * cap_unit
-        s_t = _masked_scores(s_t, mask_ptrs, row_ok[None, :], col_ok, offs_m[None, :], offs_n[:, None], diag,
-                             win_left, win_right, slope, HAS_MASK, MASK_IS_BOOL, HAS_ALIBI, LEFT, RIGHT, CHECK)
-        p_t = _exp_scores(s_t - score_lse[None, :], HAS_MASK, MASK_IS_BOOL)
-        do = _load_rows(dO_base + start64 * stride_dom + do_offs, offs_m, L, offs_dv, HEAD_DIM_V, BLOCK_DV, CHECK)
+        offs_m, row_ok, keep, q, do, p_t, cap_grad_t, delta = _attn_bwd_transposed_tile(
+            k, Q_base, dO_base, ScoreLse_base, Delta_base, mask_base, q_offs, do_offs, mask_offs, start_m, offs_m0,
+            offs_d, offs_dv, offs_n, col_ok, L, S, stride_qm, stride_dom, stride_mask_m, qk_scale, cap_unit, slope,
+            diag, win_left, win_right, seed, philox_cols, dropout_p, DOT_PRECISION, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+            BLOCK_DV, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP, HAS_ALIBI, LEFT, RIGHT, HAS_DROPOUT, CHECK)
         if HAS_DROPOUT:
             p_dropped_t = tl.where(keep, p_t * (1.0 / (1.0 - dropout_p)), 0.0)
         else:
@@ -97,8 +81,8 @@ def _attn_bwd_fused_inner(dk, dv, k, v, Q_base, dO_base, ScoreLse_base, Delta_ba
         dq_part = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION)
         # Relaxed ordering: the adds of different programs commute up to fp32 rounding, and nothing reads the
         # workspace until the kernel has finished.
-        tl.atomic_add(DQ_base + start64 * HEAD_DIM + dq_offs, dq_part, mask=row_ok[:, None] & dq_cols_ok,
-                      sem="relaxed")
+        tl.atomic_add(DQ_base + tl.cast(start_m, tl.int64) * HEAD_DIM + dq_offs, dq_part,
+                      mask=row_ok[:, None] & dq_cols_ok, sem="relaxed")
     return dk, dv
 
 
