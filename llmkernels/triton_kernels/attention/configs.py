@@ -187,19 +187,35 @@ _EXCLUDED = [
      "spills 24 B on sm_80 under triton 3.6 since the score-rule edit of the dQ kernel; M64 N32 w8 s2 kept"),
 ]
 
-# Packed variable-length calls (VARLEN mode, varlen_launch.py) take the tables above minus the configs that spill
+# Packed variable-length calls (VARLEN mode, varlen_launch.py) take the tables above, except where a config spills
 # in that mode (the sequence search and per-sequence offsets are a few more live registers): (arch family,
-# precision, kernel, head-dim bucket, variant, score-rule flags) -> (BLOCK_M, BLOCK_N, warps, stages) not offered.
-# fp32 varlen does not run on a GPU at all (dispatch declines it): its dropout configs spill in every kernel.
-_VARLEN_DROPPED = {
-    (80, "half", "fwd", 128, "base", False): [(128, 32, 8, 2)],
-    (90, "half", "fwd", 256, "base", False): [(128, 32, 8, 2)],
+# precision, kernel, head-dim bucket, variant, score-rule flags) -> the configs offered to varlen calls instead
+# (static compile check with specs._VARLEN_FLAGS, triton 3.6 and 3.8). fp32 varlen does not run on a GPU at all
+# (dispatch declines it): its dropout configs spill in every kernel.
+_VARLEN_CONFIGS = {
+    (80, "half", "fwd", 64, "dropout", False): [_cfg(128, 32, 8, 2)],
+    (80, "half", "fwd", 64, "dropout", True): [_cfg(128, 32, 8, 2)],
+    (80, "half", "fwd", 128, "base", False): [_cfg(64, 32, 4, 3)],
+    (80, "half", "fwd", 256, "dropout", True): [_cfg(32, 32, 8, 2)],
+    (80, "half", "dkdv", 64, "dropout", False): [_cfg(16, 64, 4, 1)],
+    (80, "half", "dkdv", 64, "dropout", True): [_cfg(16, 64, 4, 1)],
+    (90, "half", "fwd", 256, "base", False): [_cfg(64, 32, 8, 2)],
+    (90, "half", "fwd", 256, "dropout", False): [_cfg(64, 16, 8, 2)],
 }
 _VARLEN_EXCLUDED = [
     (80, "attn_fwd varlen fp16/bf16 head dim 65-128, M128 N32 w8 s2", "spills 8 B in the VARLEN mode on sm_80 "
      "under triton 3.8; M64 N32 w4 s3 kept for varlen calls"),
     (90, "attn_fwd varlen fp16/bf16 head dim 129-256, M128 N32 w8 s2", "spills 40 B in the VARLEN mode on sm_90 "
      "under triton 3.8; M64 N32 w8 s2 kept for varlen calls"),
+    (80, "attn_fwd varlen fp16/bf16 head dim 1-64 with dropout, M64 N32 w4 s2 (with and without the score rule)",
+     "spills 8-16 B in the VARLEN mode on sm_80 under triton 3.6; M128 N32 w8 s2 kept for varlen calls"),
+    (80, "attn_fwd varlen fp16/bf16 head dim 129-256 with dropout and the score rule, M64 N16 w8 s2",
+     "spills 32 B in the VARLEN mode on sm_80 under triton 3.6; M32 N32 w8 s2 kept for varlen calls"),
+    (80, "attn_dkdv varlen fp16/bf16 head dim 1-64 with dropout, M16 N64 w4 s2 (with and without the score rule)",
+     "spills 8-16 B in the VARLEN mode on sm_80 under triton 3.6 (255 registers); M16 N64 w4 s1 (224-234 "
+     "registers, no spills under 3.6 and 3.8) offered to varlen calls instead"),
+    (90, "attn_fwd varlen fp16/bf16 head dim 129-256 with dropout, M64 N32 w8 s2",
+     "spills 40 B in the VARLEN mode on sm_90 under triton 3.6; M64 N16 w8 s2 kept for varlen calls"),
 ] + [
     (arch, "attn_fwd/attn_dkdv/attn_dq varlen fp32 with dropout (M32 N16 w4, M16 N16 w4/w8, M32 N16 w8)",
      "spill 8-360 B in the VARLEN mode under triton 3.8; fp32 varlen runs on the reference backend on a GPU")
@@ -238,10 +254,11 @@ def _has_rule_flags(args: dict) -> bool:
 
 
 def _varlen_configs_for(arch: int, kernel: str, precision: str, bucket: int, variant: str, rule: bool = False):
-    """The configs offered to VARLEN calls: _configs_for minus _VARLEN_DROPPED."""
-    configs = _configs_for(arch, kernel, precision, bucket, variant, rule)
-    dropped = _VARLEN_DROPPED.get((_arch_family(arch), precision, kernel, bucket, variant, bool(rule)), [])
-    return None if configs is None else [c for c in configs if _config_key(c) not in dropped]
+    """The configs offered to VARLEN calls: _VARLEN_CONFIGS where it has the entry, else _configs_for's."""
+    key = (_arch_family(arch), precision, kernel, bucket, variant, bool(rule))
+    if key in _VARLEN_CONFIGS:
+        return _VARLEN_CONFIGS[key]
+    return _configs_for(arch, kernel, precision, bucket, variant, rule)
 
 
 def _all_configs(arch: int, kernel: str) -> list:
@@ -251,7 +268,7 @@ def _all_configs(arch: int, kernel: str) -> list:
         for per_variant in per_kernel[kernel].values():
             for configs in per_variant.values():
                 seen.extend(c for c in (configs or []) if _config_key(c) not in {_config_key(x) for x in seen})
-    for (family, _, name, _, _), configs in _RULE_CONFIGS.items():
+    for (family, _, name, *_), configs in [*_RULE_CONFIGS.items(), *_VARLEN_CONFIGS.items()]:
         if family == _arch_family(arch) and name == kernel:
             seen.extend(c for c in (configs or []) if _config_key(c) not in {_config_key(x) for x in seen})
     return seen

@@ -123,13 +123,12 @@ def compile_specs(arch: int) -> list:
                         continue  # fp32 offers one list for both variants: its dropout specs bound the base calls
                     # VARLEN: fp16 only (bf16 compiles to the same tiles, only the mma operand type differs, and
                     # its dense specs cover it; fp32 varlen does not run on a GPU, see configs._VARLEN_EXCLUDED),
-                    # with the configs offered to varlen calls.
-                    varlen_keys = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in
-                                   _varlen_configs_for(arch, kernel, precision, bucket, variant, rule) or []]
-                    modes = (False, True) if dtype == torch.float16 else (False,)
-                    for cfg, (do_dk, do_dv), varlen in ((c, p, m) for c in configs for p in parts for m in modes
-                                                        if not m or (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
-                                                                     c.num_warps, c.num_stages) in varlen_keys):
+                    # with the configs offered to varlen calls (configs._VARLEN_CONFIGS replaces some).
+                    runs = [(c, False) for c in configs]
+                    if dtype == torch.float16:
+                        runs += [(c, True) for c in
+                                 _varlen_configs_for(arch, kernel, precision, bucket, variant, rule) or []]
+                    for cfg, (do_dk, do_dv), varlen in ((c, p, m) for c, m in runs for p in parts):
                         flags = dict(_FLAG_SETS[variant], **(_RULE_FLAGS if rule else _NO_RULE))
                         if kernel == "dq":
                             flags["WRITE_DMASK"] = not varlen
