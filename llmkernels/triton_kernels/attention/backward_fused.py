@@ -26,9 +26,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .backward import _attn_bwd_transposed_tile
+from .backward import _attn_bwd_transposed_tile, _key_block_head, _load_key_block
 from .ranges import _key_range, _query_range
-from .tiles import _load_rows, _score_scale, _score_unit
+from .tiles import _score_scale, _score_unit
 
 
 @triton.jit
@@ -119,12 +119,9 @@ def _attn_bwd_fused_kernel(Q, K, V, dO, Mask, RngState, Alibi, ScoreLse, Delta, 
     offs_dv = tl.arange(0, BLOCK_DV)
     col_ok = offs_n[:, None] < S
 
-    k = _load_rows(K + off_b.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh
-                   + offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                   offs_n, S, offs_d, HEAD_DIM, BLOCK_D, True)
-    v = _load_rows(V + off_b.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh
-                   + offs_n.to(tl.int64)[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                   offs_n, S, offs_dv, HEAD_DIM_V, BLOCK_DV, True)
+    k, v = _load_key_block(K, V, off_b, off_kvh, offs_n, 0, S, offs_d, offs_dv, stride_kb, stride_kh, stride_kn,
+                           stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+                           BLOCK_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     qk_scale, cap_unit = _score_scale(scale, softcap, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP)
@@ -146,15 +143,10 @@ def _attn_bwd_fused_kernel(Q, K, V, dO, Mask, RngState, Alibi, ScoreLse, Delta, 
         Delta_base = Delta + bh.to(tl.int64) * L
         GradLse_base = GradLse + off_b.to(tl.int64) * stride_glb + off_h.to(tl.int64) * stride_glh
         DQ_base = DQ + bh.to(tl.int64) * L * HEAD_DIM
-        mask_base = Mask
-        if HAS_MASK:
-            mask_base = (Mask + off_b.to(tl.int64) * stride_mask_b + off_h.to(tl.int64) * stride_mask_h
-                         + offs_n.to(tl.int64)[:, None] * stride_mask_n)
+        mask_base, slope = _key_block_head(Mask, Alibi, off_b, off_h, offs_n, stride_mask_b, stride_mask_h,
+                                           stride_mask_n, stride_alibi_b, stride_alibi_h, unit, HAS_MASK, HAS_ALIBI)
         if HAS_DROPOUT:
             philox_cols = tl.load(RngState + 1) + bh.to(tl.int64) * L * S + offs_n
-        slope = 0.0
-        if HAS_ALIBI:
-            slope = tl.load(Alibi + off_b.to(tl.int64) * stride_alibi_b + off_h * stride_alibi_h).to(tl.float32) * unit
         # One loop with the per-element tests where a band or a ragged L needs them, none otherwise (the
         # register budget argument of backward.py's dK/dV pass holds here with one more dot live).
         if BANDED or not EVEN_M:
