@@ -64,6 +64,78 @@ def _attn_bwd_preprocess_kernel(Out, dO, GradLse, Lse, Delta, ScoreLse,
 
 
 @triton.jit
+def _load_key_block(K, V, off_b, off_kvh, offs_n, k_row0, S, offs_d, offs_dv, stride_kb, stride_kh, stride_kn,
+                    stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, HEAD_DIM: tl.constexpr,
+                    HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """The K and V tiles a key-block program holds (the dK/dV pass, the fused backward): keys offs_n of the
+    sequence starting at row k_row0, rows at or past S and lanes past the head dims read as 0."""
+    k = _load_rows(K + off_b.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh
+                   + (offs_n.to(tl.int64) + k_row0)[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                   offs_n, S, offs_d, HEAD_DIM, BLOCK_D, True)
+    v = _load_rows(V + off_b.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh
+                   + (offs_n.to(tl.int64) + k_row0)[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                   offs_n, S, offs_dv, HEAD_DIM_V, BLOCK_DV, True)
+    return k, v
+
+
+@triton.jit
+def _key_block_head(Mask, Alibi, off_b, off_h, offs_n, stride_mask_b, stride_mask_h, stride_mask_n, stride_alibi_b,
+                    stride_alibi_h, unit, HAS_MASK: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """Per query head of a key-block program: the base of the mask's columns offs_n (rows added per query block)
+    and the head's ALiBi slope in score units (0.0 without ALiBi)."""
+    mask_base = Mask
+    if HAS_MASK:
+        mask_base = (Mask + off_b.to(tl.int64) * stride_mask_b + off_h.to(tl.int64) * stride_mask_h
+                     + offs_n.to(tl.int64)[:, None] * stride_mask_n)
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + off_b.to(tl.int64) * stride_alibi_b + off_h * stride_alibi_h).to(tl.float32) * unit
+    return mask_base, slope
+
+
+@triton.jit
+def _attn_bwd_transposed_tile(k, Q_base, dO_base, ScoreLse_base, Delta_base, mask_base, q_offs, do_offs, mask_offs,
+                              start_m, offs_m0, offs_d, offs_dv, offs_n, col_ok, L, S, stride_qm, stride_dom,
+                              stride_mask_m, qk_scale, cap_unit, slope, diag, win_left, win_right, seed, philox_cols,
+                              dropout_p, DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
+                              HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                              HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                              HAS_ALIBI: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
+                              HAS_DROPOUT: tl.constexpr, CHECK: tl.constexpr):
+    """One query block (rows start_m + offs_m0) against a program's key block k, keys along axis 0: the opening
+    of every step of the dK/dV pass here and of the fused backward (backward_fused.py). Returns the rows, their
+    bound, the dropout keep bits (0 without dropout), the Q and dO tiles, P^T = exp(S^T - lse), the softcap's
+    gradient factor (0.0 without softcap) and the rows' delta."""
+    offs_m = start_m + offs_m0
+    row_ok = offs_m < L
+    start64 = tl.cast(start_m, tl.int64)
+    keep = 0
+    if HAS_DROPOUT:
+        # Drawn first: the Philox temporaries die before the dots, and only the keep bits stay live.
+        keep = _dropout_keep(seed, philox_cols[:, None], (offs_m.to(tl.int64) * S)[None, :], dropout_p)
+    q = _load_rows(Q_base + start64 * stride_qm + q_offs, offs_m, L, offs_d, HEAD_DIM, BLOCK_D, CHECK)
+    mask_ptrs = mask_base + start64 * stride_mask_m + mask_offs
+    if CHECK:
+        # Rows past L: score_lse = +inf makes their weights 0 (and their q, dO are 0).
+        score_lse = tl.load(ScoreLse_base + offs_m, mask=row_ok, other=float("inf"))
+        delta = tl.load(Delta_base + offs_m, mask=row_ok, other=0.0)
+    else:
+        score_lse = tl.load(ScoreLse_base + offs_m)
+        delta = tl.load(Delta_base + offs_m)
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+    cap_grad_t = 0.0
+    if HAS_SOFTCAP:
+        cap_grad_t = _tanh_grad(s_t)
+        s_t = _tanh(s_t) * cap_unit
+    # Queries run along axis 1 here; the causal test "key <= query" reads offs_n[:, None] <= offs_m[None, :].
+    s_t = _masked_scores(s_t, mask_ptrs, row_ok[None, :], col_ok, offs_m[None, :], offs_n[:, None], diag,
+                         win_left, win_right, slope, HAS_MASK, MASK_IS_BOOL, HAS_ALIBI, LEFT, RIGHT, CHECK)
+    p_t = _exp_scores(s_t - score_lse[None, :], HAS_MASK, MASK_IS_BOOL)
+    do = _load_rows(dO_base + start64 * stride_dom + do_offs, offs_m, L, offs_dv, HEAD_DIM_V, BLOCK_DV, CHECK)
+    return offs_m, row_ok, keep, q, do, p_t, cap_grad_t, delta
+
+
+@triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, dO_base, ScoreLse_base, Delta_base, mask_base, lo, hi, offs_n,
                          col_ok, L, S, stride_qm, stride_qd, stride_dom, stride_dod, stride_mask_m, qk_scale,
                          cap_unit, slope, diag, win_left, win_right, seed, philox_cols, dropout_p,
@@ -85,30 +157,11 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, dO_base, ScoreLse_base, Delta_bas
     do_offs = offs_m0[:, None] * stride_dom + offs_dv[None, :] * stride_dod
     mask_offs = offs_m0[None, :] * stride_mask_m
     for start_m in range(lo, hi, BLOCK_M):
-        offs_m = start_m + offs_m0
-        row_ok = offs_m < L
-        start64 = tl.cast(start_m, tl.int64)
-        if HAS_DROPOUT:
-            # Drawn first: the Philox temporaries die before the dots, and only the keep bits stay live.
-            keep = _dropout_keep(seed, philox_cols[:, None], (offs_m.to(tl.int64) * S)[None, :], dropout_p)
-        q = _load_rows(Q_base + start64 * stride_qm + q_offs, offs_m, L, offs_d, HEAD_DIM, BLOCK_D, CHECK)
-        mask_ptrs = mask_base + start64 * stride_mask_m + mask_offs
-        if CHECK:
-            # Rows past L: score_lse = +inf makes their weights 0 (and their q, dO are 0).
-            score_lse = tl.load(ScoreLse_base + offs_m, mask=row_ok, other=float("inf"))
-            delta = tl.load(Delta_base + offs_m, mask=row_ok, other=0.0)
-        else:
-            score_lse = tl.load(ScoreLse_base + offs_m)
-            delta = tl.load(Delta_base + offs_m)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-        if HAS_SOFTCAP:
-            cap_grad_t = _tanh_grad(s_t)
-            s_t = _tanh(s_t) * cap_unit
-        # Queries run along axis 1 here; the causal test "key <= query" reads offs_n[:, None] <= offs_m[None, :].
-        s_t = _masked_scores(s_t, mask_ptrs, row_ok[None, :], col_ok, offs_m[None, :], offs_n[:, None], diag,
-                             win_left, win_right, slope, HAS_MASK, MASK_IS_BOOL, HAS_ALIBI, LEFT, RIGHT, CHECK)
-        p_t = _exp_scores(s_t - score_lse[None, :], HAS_MASK, MASK_IS_BOOL)
-        do = _load_rows(dO_base + start64 * stride_dom + do_offs, offs_m, L, offs_dv, HEAD_DIM_V, BLOCK_DV, CHECK)
+        offs_m, row_ok, keep, q, do, p_t, cap_grad_t, delta = _attn_bwd_transposed_tile(
+            k, Q_base, dO_base, ScoreLse_base, Delta_base, mask_base, q_offs, do_offs, mask_offs, start_m, offs_m0,
+            offs_d, offs_dv, offs_n, col_ok, L, S, stride_qm, stride_dom, stride_mask_m, qk_scale, cap_unit, slope,
+            diag, win_left, win_right, seed, philox_cols, dropout_p, DOT_PRECISION, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+            BLOCK_DV, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP, HAS_ALIBI, LEFT, RIGHT, HAS_DROPOUT, CHECK)
         if DO_DV:
             if HAS_DROPOUT:
                 p_dropped_t = tl.where(keep, p_t * (1.0 / (1.0 - dropout_p)), 0.0)
@@ -184,12 +237,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, dO, Mask, RngState, Alibi, ScoreLse, Delta, d
     offs_dv = tl.arange(0, BLOCK_DV)
     col_ok = offs_n[:, None] < S_seq
 
-    k = _load_rows(K + off_b.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh
-                   + (offs_n.to(tl.int64) + k_row0)[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                   offs_n, S_seq, offs_d, HEAD_DIM, BLOCK_D, True)
-    v = _load_rows(V + off_b.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh
-                   + (offs_n.to(tl.int64) + k_row0)[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                   offs_n, S_seq, offs_dv, HEAD_DIM_V, BLOCK_DV, True)
+    k, v = _load_key_block(K, V, off_b, off_kvh, offs_n, k_row0, S_seq, offs_d, offs_dv, stride_kb, stride_kh,
+                           stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
+                           BLOCK_D, BLOCK_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     qk_scale, cap_unit = _score_scale(scale, softcap, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP)
@@ -220,16 +270,11 @@ def _attn_bwd_dkdv_kernel(Q, K, V, dO, Mask, RngState, Alibi, ScoreLse, Delta, d
                    + tl.cast(q_row0, tl.int64) * stride_dom)
         ScoreLse_base = ScoreLse + row0
         Delta_base = Delta + row0
-        mask_base = Mask
-        if HAS_MASK:
-            mask_base = (Mask + off_b.to(tl.int64) * stride_mask_b + off_h.to(tl.int64) * stride_mask_h
-                         + offs_n.to(tl.int64)[:, None] * stride_mask_n)
+        mask_base, slope = _key_block_head(Mask, Alibi, off_b, off_h, offs_n, stride_mask_b, stride_mask_h,
+                                           stride_mask_n, stride_alibi_b, stride_alibi_h, unit, HAS_MASK, HAS_ALIBI)
         if HAS_DROPOUT:
             # Offset of (b, h, i, j) = base + ((b*Hq + h)*L + i)*S + j: the (b, h) and j parts here, i*S per block.
             philox_cols = tl.load(RngState + 1) + row0 * S + k_row0 + offs_n
-        slope = 0.0
-        if HAS_ALIBI:
-            slope = tl.load(Alibi + off_b.to(tl.int64) * stride_alibi_b + off_h * stride_alibi_h).to(tl.float32) * unit
         # One loop over all query blocks, unlike the forward's split into a plain and a checked phase: this
         # kernel is register-bound (dK, dV accumulators plus four dots per step), and three pipelined loops in
         # the group loop cost ~50 more registers and spills at head dim 128 (static compile check), whereas the

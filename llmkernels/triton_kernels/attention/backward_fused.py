@@ -26,9 +26,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .backward import _attn_bwd_transposed_tile, _key_block_head, _load_key_block
 from .ranges import _key_range, _query_range
-from .tiles import (_dropout_keep, _exp_scores, _load_rows, _masked_scores, _score_scale, _score_unit, _tanh,
-                    _tanh_grad)
+from .tiles import _score_scale, _score_unit
 
 
 @triton.jit
@@ -53,27 +53,11 @@ def _attn_bwd_fused_inner(dk, dv, k, v, Q_base, dO_base, ScoreLse_base, Delta_ba
     dq_offs = offs_m0[:, None] * HEAD_DIM + offs_d[None, :]
     dq_cols_ok = offs_d[None, :] < HEAD_DIM
     for start_m in range(lo, hi, BLOCK_M):
-        offs_m = start_m + offs_m0
-        row_ok = offs_m < L
-        start64 = tl.cast(start_m, tl.int64)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, philox_cols[:, None], (offs_m.to(tl.int64) * S)[None, :], dropout_p)
-        q = _load_rows(Q_base + start64 * stride_qm + q_offs, offs_m, L, offs_d, HEAD_DIM, BLOCK_D, CHECK)
-        mask_ptrs = mask_base + start64 * stride_mask_m + mask_offs
-        if CHECK:
-            score_lse = tl.load(ScoreLse_base + offs_m, mask=row_ok, other=float("inf"))
-            delta = tl.load(Delta_base + offs_m, mask=row_ok, other=0.0)
-        else:
-            score_lse = tl.load(ScoreLse_base + offs_m)
-            delta = tl.load(Delta_base + offs_m)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-        if HAS_SOFTCAP:
-            cap_grad_t = _tanh_grad(s_t)
-            s_t = _tanh(s_t) * cap_unit
-        s_t = _masked_scores(s_t, mask_ptrs, row_ok[None, :], col_ok, offs_m[None, :], offs_n[:, None], diag,
-                             win_left, win_right, slope, HAS_MASK, MASK_IS_BOOL, HAS_ALIBI, LEFT, RIGHT, CHECK)
-        p_t = _exp_scores(s_t - score_lse[None, :], HAS_MASK, MASK_IS_BOOL)
-        do = _load_rows(dO_base + start64 * stride_dom + do_offs, offs_m, L, offs_dv, HEAD_DIM_V, BLOCK_DV, CHECK)
+        offs_m, row_ok, keep, q, do, p_t, cap_grad_t, delta = _attn_bwd_transposed_tile(
+            k, Q_base, dO_base, ScoreLse_base, Delta_base, mask_base, q_offs, do_offs, mask_offs, start_m, offs_m0,
+            offs_d, offs_dv, offs_n, col_ok, L, S, stride_qm, stride_dom, stride_mask_m, qk_scale, cap_unit, slope,
+            diag, win_left, win_right, seed, philox_cols, dropout_p, DOT_PRECISION, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+            BLOCK_DV, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP, HAS_ALIBI, LEFT, RIGHT, HAS_DROPOUT, CHECK)
         if HAS_DROPOUT:
             p_dropped_t = tl.where(keep, p_t * (1.0 / (1.0 - dropout_p)), 0.0)
         else:
@@ -97,8 +81,8 @@ def _attn_bwd_fused_inner(dk, dv, k, v, Q_base, dO_base, ScoreLse_base, Delta_ba
         dq_part = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION)
         # Relaxed ordering: the adds of different programs commute up to fp32 rounding, and nothing reads the
         # workspace until the kernel has finished.
-        tl.atomic_add(DQ_base + start64 * HEAD_DIM + dq_offs, dq_part, mask=row_ok[:, None] & dq_cols_ok,
-                      sem="relaxed")
+        tl.atomic_add(DQ_base + tl.cast(start_m, tl.int64) * HEAD_DIM + dq_offs, dq_part,
+                      mask=row_ok[:, None] & dq_cols_ok, sem="relaxed")
     return dk, dv
 
 
@@ -135,12 +119,9 @@ def _attn_bwd_fused_kernel(Q, K, V, dO, Mask, RngState, Alibi, ScoreLse, Delta, 
     offs_dv = tl.arange(0, BLOCK_DV)
     col_ok = offs_n[:, None] < S
 
-    k = _load_rows(K + off_b.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh
-                   + offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                   offs_n, S, offs_d, HEAD_DIM, BLOCK_D, True)
-    v = _load_rows(V + off_b.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh
-                   + offs_n.to(tl.int64)[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                   offs_n, S, offs_dv, HEAD_DIM_V, BLOCK_DV, True)
+    k, v = _load_key_block(K, V, off_b, off_kvh, offs_n, 0, S, offs_d, offs_dv, stride_kb, stride_kh, stride_kn,
+                           stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+                           BLOCK_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     qk_scale, cap_unit = _score_scale(scale, softcap, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP)
@@ -162,15 +143,10 @@ def _attn_bwd_fused_kernel(Q, K, V, dO, Mask, RngState, Alibi, ScoreLse, Delta, 
         Delta_base = Delta + bh.to(tl.int64) * L
         GradLse_base = GradLse + off_b.to(tl.int64) * stride_glb + off_h.to(tl.int64) * stride_glh
         DQ_base = DQ + bh.to(tl.int64) * L * HEAD_DIM
-        mask_base = Mask
-        if HAS_MASK:
-            mask_base = (Mask + off_b.to(tl.int64) * stride_mask_b + off_h.to(tl.int64) * stride_mask_h
-                         + offs_n.to(tl.int64)[:, None] * stride_mask_n)
+        mask_base, slope = _key_block_head(Mask, Alibi, off_b, off_h, offs_n, stride_mask_b, stride_mask_h,
+                                           stride_mask_n, stride_alibi_b, stride_alibi_h, unit, HAS_MASK, HAS_ALIBI)
         if HAS_DROPOUT:
             philox_cols = tl.load(RngState + 1) + bh.to(tl.int64) * L * S + offs_n
-        slope = 0.0
-        if HAS_ALIBI:
-            slope = tl.load(Alibi + off_b.to(tl.int64) * stride_alibi_b + off_h * stride_alibi_h).to(tl.float32) * unit
         # One loop with the per-element tests where a band or a ragged L needs them, none otherwise (the
         # register budget argument of backward.py's dK/dV pass holds here with one more dot live).
         if BANDED or not EVEN_M:

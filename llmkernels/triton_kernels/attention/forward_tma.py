@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .forward import _attn_fwd_kernel
-from .tiles import _dropout_keep, _exp_scores, _masked_scores, _query_block, _score_scale, _score_unit, _tanh
+from .forward import _attn_fwd_finish, _attn_fwd_kernel, _attn_fwd_start, _attn_fwd_step
+from .tiles import _query_block
 
 
 @triton.jit
@@ -46,25 +46,13 @@ def _attn_fwd_tma_inner(acc, m_i, l_i, q, k_desc, v_desc, off_b, off_kvh, mask_b
     mask_ptrs = mask_base + tl.cast(lo, tl.int64) * stride_mask_n + offs_n0[None, :] * stride_mask_n
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         offs_n = start_n + offs_n0
-        col_ok = offs_n[None, :] < S
         k = k_desc.load([off_b, off_kvh, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if HAS_SOFTCAP:
-            s = _tanh(s) * cap_unit
-        s = _masked_scores(s, mask_ptrs, row_ok[:, None], col_ok, offs_m[:, None], offs_n[None, :], diag, win_left,
-                           win_right, slope, HAS_MASK, MASK_IS_BOOL, HAS_ALIBI, LEFT, RIGHT, CHECK)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # As in forward.py: a row with every key so far masked subtracts 0, not -inf (no NaN from -inf + inf).
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = _exp_scores(m_i - m_safe, HAS_MASK, MASK_IS_BOOL)
-        p = _exp_scores(s - m_safe[:, None], HAS_MASK, MASK_IS_BOOL)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, philox_rows[:, None], offs_n[None, :].to(tl.int64), dropout_p)
-            p = tl.where(keep, p, 0.0)
+        p, alpha, m_i, l_i = _attn_fwd_step(m_i, l_i, q, k, mask_ptrs, offs_m, row_ok, offs_n, S, qk_scale, cap_unit,
+                                            slope, diag, win_left, win_right, seed, philox_rows, dropout_p,
+                                            DOT_PRECISION, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP, HAS_ALIBI, LEFT, RIGHT,
+                                            HAS_DROPOUT, CHECK)
         v = v_desc.load([off_b, off_kvh, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
         if HAS_MASK:
             mask_ptrs += BLOCK_N * stride_mask_n
     return acc, m_i, l_i
@@ -121,20 +109,9 @@ def _attn_fwd_tma_kernel(Q, K, V, Mask, RngState, Alibi, Sinks, Out, Lse,
                                            strides=[stride_ob, stride_oh, stride_om, 1],
                                            block_shape=[1, 1, BLOCK_M, BLOCK_DV])
         q = q_desc.load([off_b, off_h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
-        qk_scale, cap_unit = _score_scale(scale, softcap, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP)
-        unit = _score_unit(HAS_MASK, MASK_IS_BOOL)
-        slope = 0.0
-        if HAS_ALIBI:
-            slope = tl.load(Alibi + off_b.to(tl.int64) * stride_alibi_b + off_h * stride_alibi_h).to(tl.float32) * unit
-        if HAS_SINKS:
-            sink_logit = tl.load(Sinks + off_h * stride_sinks).to(tl.float32)
-            sink = sink_logit * unit
-            m_i = tl.zeros([BLOCK_M], tl.float32) + sink
-            l_i = tl.full([BLOCK_M], 1.0, tl.float32)
-        else:
-            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        qk_scale, cap_unit, slope, sink, sink_logit, m_i, l_i, acc = _attn_fwd_start(
+            Alibi, Sinks, off_b, off_h, stride_alibi_b, stride_alibi_h, stride_sinks, scale, softcap, HAS_MASK,
+            MASK_IS_BOOL, HAS_SOFTCAP, HAS_ALIBI, HAS_SINKS, BLOCK_M, BLOCK_DV)
         RIGHT: tl.constexpr = IS_CAUSAL or WINDOW_RIGHT
         if WARP_SPECIALIZE:
             # One warp-specialized loop over every visible block, each with the per-element test: Triton's Hopper
@@ -164,19 +141,8 @@ def _attn_fwd_tma_kernel(Q, K, V, Mask, RngState, Alibi, Sinks, Out, Lse,
                                                 win_left, win_right, seed, philox_rows, dropout_p, DOT_PRECISION,
                                                 BLOCK_N, BLOCK_D, BLOCK_DV, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP,
                                                 HAS_ALIBI, WINDOW_LEFT, RIGHT, HAS_DROPOUT, True, False)
-        # The epilogue of forward.py (see there): fully masked rows give 0 and lse -inf (the sink with sinks).
-        fully_masked = l_i == 0.0
-        l_safe = tl.where(fully_masked, 1.0, l_i)
-        inv_l = 1.0 / l_safe
-        if HAS_DROPOUT:
-            inv_l = inv_l / (1.0 - dropout_p)
-        out = acc * inv_l[:, None]
-        if HAS_MASK and not MASK_IS_BOOL:
-            lse = tl.where(fully_masked, float("-inf"), m_i + tl.math.log2(l_safe) * 0.6931471805599453)
-        else:
-            lse = tl.where(fully_masked, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-        if HAS_SINKS:
-            lse = tl.where((m_i == sink) & (l_i == 1.0), sink_logit, lse)
+        out, lse = _attn_fwd_finish(acc, m_i, l_i, sink, sink_logit, dropout_p, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT,
+                                    HAS_SINKS)
         # Rows past L and lanes past the head dim fall outside the descriptor's shape: the store drops them.
         o_desc.store([off_b, off_h, start_m, 0], out.to(Out.dtype.element_ty).reshape(1, 1, BLOCK_M, BLOCK_DV))
         tl.store(Lse + bh.to(tl.int64) * L + offs_m, lse, mask=row_ok)
