@@ -353,27 +353,42 @@ def _router(*args, **kwargs):
         a = contract.check_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     except (TypeError, ValueError) as exc:
         return _fallback(REASON_CONTRACT, lambda: detail(str(exc)), args, kwargs)
+    name, fallback = _backend_or_fallback(route, a, dispatch.choose_attention_backend,
+                                          dispatch.attention_not_supported_reasons, detail, args, kwargs)
+    if name is None:
+        return fallback
+    with _autocast_off(query, autocast_dtype):
+        return _ops.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                                 enable_gqa, backend=name)
+
+
+def _autocast_off(query, autocast_dtype):
+    """Autocast off while llmkernels runs a call whose inputs autocast has cast already (to ``autocast_dtype``):
+    the kernels, and the reference backend's fp32 math, must not be re-cast."""
+    if autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(query.device.type, enabled=False)
+
+
+def _backend_or_fallback(route, call, choose, not_supported_reasons, detail, args, kwargs):
+    """(the backend llmkernels runs ``call`` on, None), counted; or (None, PyTorch's result) when the call goes
+    back to PyTorch: no backend takes it (and the route is not strict), or ``auto`` would find only the
+    reference backend. ``choose(call, backend)`` and ``not_supported_reasons(call)`` are dispatch's functions
+    for the call's kind (dense or varlen)."""
     requested = dispatch.requested_backend(route.backend)  # a bad LLMKERNELS_BACKEND raises here, as it should
     try:
-        name = dispatch.choose_attention_backend(a, route.backend)
+        name = choose(call, route.backend)
     except dispatch.NotSupportedError as exc:
         if route.strict:
             raise
-        return _fallback(REASON_BACKEND, lambda: detail(str(exc)), args, kwargs)
+        return None, _fallback(REASON_BACKEND, lambda: detail(str(exc)), args, kwargs)
     if name == "reference" and requested == "auto":
         def why() -> str:
-            reasons = dispatch.attention_not_supported_reasons(a)
+            reasons = not_supported_reasons(call)
             return detail("; ".join(f"{b}: {', '.join(r)}" for b, r in reasons.items() if r))
-        return _fallback(REASON_REFERENCE_ONLY, why, args, kwargs)
-
+        return None, _fallback(REASON_REFERENCE_ONLY, why, args, kwargs)
     _stats._record("llmkernels", name, None, detail)
-    if autocast_dtype is not None:
-        # Inputs are cast already; the kernels (and the reference backend's fp32 math) must not be re-cast.
-        with torch.autocast(query.device.type, enabled=False):
-            return _ops.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
-                                                     enable_gqa, backend=name)
-    return _ops.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                             backend=name)
+    return name, None
 
 
 def _route_nested(route, args, kwargs, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
@@ -388,20 +403,11 @@ def _route_nested(route, args, kwargs, query, key, value, attn_mask, dropout_p, 
         call = _nested.check_nested_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     except (TypeError, ValueError) as exc:  # an attn_mask, mismatched heads, ...: PyTorch's own answer
         return _fallback(REASON_CONTRACT, lambda: detail(str(exc)), args, kwargs)
-    requested = dispatch.requested_backend(route.backend)
-    try:
-        name = dispatch.choose_varlen_backend(call.varlen, route.backend)
-    except dispatch.NotSupportedError as exc:
-        if route.strict:
-            raise
-        return _fallback(REASON_BACKEND, lambda: detail(str(exc)), args, kwargs)
-    if name == "reference" and requested == "auto":
-        def why() -> str:
-            reasons = dispatch.varlen_not_supported_reasons(call.varlen)
-            return detail("; ".join(f"{b}: {', '.join(r)}" for b, r in reasons.items() if r))
-        return _fallback(REASON_REFERENCE_ONLY, why, args, kwargs)
-    _stats._record("llmkernels", name, None, detail)
-    with torch.autocast(query.device.type, enabled=False) if autocast_dtype is not None else contextlib.nullcontext():
+    name, fallback = _backend_or_fallback(route, call.varlen, dispatch.choose_varlen_backend,
+                                          dispatch.varlen_not_supported_reasons, detail, args, kwargs)
+    if name is None:
+        return fallback
+    with _autocast_off(query, autocast_dtype):
         return _ops.scaled_dot_product_attention(query, key, value, None, dropout_p, is_causal, scale, enable_gqa,
                                                  backend=name)
 
