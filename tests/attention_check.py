@@ -17,7 +17,14 @@ import torch
 
 import llmkernels
 from llmkernels import ops, reference
+from llmkernels.triton_kernels import attention as triton_attention
 from tolerance import assert_by_rule
+
+
+def triton_keep_mask(rng_state, shape, dropout_p, device):
+    """The Triton kernels' dropout keep pattern of the (B, Hq, L, S) scores for an rng_state: check_attention's
+    ``keep_mask`` for backend "triton"."""
+    return triton_attention.dropout_keep_mask(rng_state, *shape, dropout_p, device)
 
 
 def leaf(t: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 import llmkernels
 from llmkernels import reference
 from llmkernels.triton_kernels import attention as triton_attention
-from attention_check import check_attention, leaf
+from attention_check import check_attention, leaf, triton_keep_mask
 from tolerance import assert_by_rule
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -34,14 +34,10 @@ def _make_mask(kind, shape, device, generator):
     return values.masked_fill(~keep, float("-inf")).to(device)
 
 
-def _triton_keep_mask(rng_state, shape, dropout_p, device):
-    return triton_attention.dropout_keep_mask(rng_state, *shape, dropout_p, device)
-
-
 def check_against_reference(q, k, v, mask=None, **kwargs):
     """tests/attention_check.check_attention on the triton backend: output, lse and every gradient against the
     float64 reference under the tolerance rule; returns (out, lse, grads)."""
-    return check_attention("triton", _triton_keep_mask, q, k, v, mask, **kwargs)
+    return check_attention("triton", triton_keep_mask, q, k, v, mask, **kwargs)
 
 
 def _inputs(B, Hq, Hkv, L, S, E, Ev, dtype, device, seed=0):

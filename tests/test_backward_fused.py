@@ -15,14 +15,10 @@ import torch
 import llmkernels
 from conftest import HAS_GPU
 from llmkernels.triton_kernels import attention as triton_attention
-from attention_check import check_attention, random_mask
+from attention_check import check_attention, random_mask, triton_keep_mask
 from tolerance import assert_by_rule
 
 launch = triton_attention.launch
-
-
-def _keep_mask(rng_state, shape, dropout_p, device):
-    return triton_attention.dropout_keep_mask(rng_state, *shape, dropout_p, device)
 
 
 @pytest.fixture
@@ -72,7 +68,7 @@ def test_fused_backward_matches_float64_reference(name, device, fused_calls):
     if kw.pop("sinks", None):
         kw["sinks"] = torch.randn(Hq, generator=g).to(device, torch.float32)
     mask = random_mask(mask_kind, B, L, S, g, device, keep_fraction=0.8)
-    check_attention("triton", _keep_mask, q, k, v, mask, enable_gqa=True, dropout_p=dropout_p, seed=L,
+    check_attention("triton", triton_keep_mask, q, k, v, mask, enable_gqa=True, dropout_p=dropout_p, seed=L,
                     deterministic=False, **kw)
     assert fused_calls == [dtype], "the fused backward did not run"
 
@@ -81,7 +77,7 @@ def test_fused_backward_matches_float64_reference(name, device, fused_calls):
 def test_fused_backward_never_reads_hidden_keys(device, fused_calls):
     """Bottom-right causal window, L < S: keys 0..31 are hidden from every row (NaN in our K and V only)."""
     q, k, v, _ = _inputs(1, 2, 2, 16, 80, 16, 16, torch.float16, seed=3, device=device)
-    check_attention("triton", _keep_mask, q, k, v, None, window_size=(20, 0), causal_alignment="bottom_right",
+    check_attention("triton", triton_keep_mask, q, k, v, None, window_size=(20, 0), causal_alignment="bottom_right",
                     hidden_keys=slice(0, 32), deterministic=False)
     assert fused_calls
 
@@ -94,7 +90,7 @@ def test_float_mask_gradient_takes_the_separate_passes(device, fused_calls):
     reasons = launch.fused_backward_reasons(q, k, v, mask, 0.0, True)
     assert reasons and "mask's gradient" in reasons[0]
     assert launch.fused_backward_reasons(q, k, v, mask, 0.0, False) == []
-    check_attention("triton", _keep_mask, q, k, v, mask, is_causal=True, deterministic=False)
+    check_attention("triton", triton_keep_mask, q, k, v, mask, is_causal=True, deterministic=False)
     assert fused_calls == []
 
 
@@ -107,10 +103,10 @@ def test_delta_precision_on_rows_with_few_keys(device, fused_calls):
     B, H, L, S, E = 1, 2, 3, 799, 59
     q, k, v, g = _inputs(B, H, H, L, S, E, E, torch.float16, seed=1, device=device, positive=True)
     grad_out = torch.randn(B, H, L, E, generator=g).to(device)
-    _, _, fused = check_attention("triton", _keep_mask, q, k, v, is_causal=True, grad_out=grad_out,
+    _, _, fused = check_attention("triton", triton_keep_mask, q, k, v, is_causal=True, grad_out=grad_out,
                                   deterministic=False)
     assert fused_calls
-    _, _, separate = check_attention("triton", _keep_mask, q, k, v, is_causal=True, grad_out=grad_out,
+    _, _, separate = check_attention("triton", triton_keep_mask, q, k, v, is_causal=True, grad_out=grad_out,
                                      deterministic=True)
     ref = [t.detach().clone().double().requires_grad_(True) for t in (q, k, v)]
     out, lse = llmkernels.reference.scaled_dot_product_attention(*ref, is_causal=True, return_lse=True)

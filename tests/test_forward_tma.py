@@ -16,13 +16,9 @@ import torch
 from llmkernels.triton_kernels import attention as triton_attention
 from llmkernels.triton_kernels.attention import forward_tma, launch
 from llmkernels.triton_kernels.interpreter import interpreting
-from attention_check import check_attention, random_mask
+from attention_check import check_attention, random_mask, triton_keep_mask
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def _keep_mask(rng_state, shape, dropout_p, device):
-    return triton_attention.dropout_keep_mask(rng_state, *shape, dropout_p, device)
 
 
 @pytest.fixture
@@ -77,7 +73,7 @@ def test_descriptor_forward_matches_float64_reference(name, device, monkeypatch,
     if kw.get("sinks"):
         kw["sinks"] = torch.randn(Hq, generator=g).to(device, dtype)
     mask = random_mask(mask_kind, B, L, S, g, device)
-    check_attention("triton", _keep_mask, q, k, v, mask, enable_gqa=Hq != Hkv, dropout_p=dropout_p, seed=L, **kw)
+    check_attention("triton", triton_keep_mask, q, k, v, mask, enable_gqa=Hq != Hkv, dropout_p=dropout_p, seed=L, **kw)
     if interpreting():
         assert loads_spy and set(loads_spy) == {loads}, loads_spy
 
@@ -88,7 +84,7 @@ def test_calls_outside_the_tma_rules_take_pointer_loads(device, monkeypatch, loa
     monkeypatch.setattr(launch, "INTERPRETER_FORWARD_LOADS", "tma")
     q, k, v, _ = _inputs(1, 2, 2, 19, 23, 59, 59, torch.float16, seed=3, device=device)
     assert forward_tma.tma_refusals(q=q)  # 118-byte row stride
-    check_attention("triton", _keep_mask, q, k, v, is_causal=True, seed=1)
+    check_attention("triton", triton_keep_mask, q, k, v, is_causal=True, seed=1)
     # A base 2 bytes off (a view into a larger buffer; check_attention's leaves would be fresh aligned copies, so
     # this one calls the launcher itself): pointer loads, with exactly the pointer kernel's result.
     storage = torch.randn(1 + 2 * 19 * 32, generator=torch.Generator().manual_seed(4)).to(device, torch.float16)
@@ -102,7 +98,7 @@ def test_calls_outside_the_tma_rules_take_pointer_loads(device, monkeypatch, loa
     assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
     monkeypatch.setattr(launch, "INTERPRETER_FORWARD_LOADS", "tma")
     q3, k3, v3, _ = _inputs(1, 1, 1, 17, 17, 16, 16, torch.float32, seed=5, device=device)
-    check_attention("triton", _keep_mask, q3, k3, v3, seed=3)
+    check_attention("triton", triton_keep_mask, q3, k3, v3, seed=3)
     if interpreting():
         assert loads_spy and set(loads_spy) == {"pointer"}, loads_spy
 
@@ -130,9 +126,9 @@ CANDIDATE_SETS = [("fp16", 64), ("bf16", 128), ("fp16", 256)] if _on_sm90() else
 @pytest.mark.parametrize("dt,bucket", CANDIDATE_SETS)
 def test_every_descriptor_candidate(dt, bucket, device):
     """Each config the sm_90 autotuner may pick for the descriptor kernel (configs._TMA_FWD_SM90: plain, the
-    score rule's, dropout, warp-specialized; and the pointer configs it runs with TMA=False), launched directly (launch.forward_with_tma_config) on a shape with
-    ragged ends and GQA, against the float64 reference under the tolerance rule: the autotuner keeps whichever
-    is fastest, so every one must be right."""
+    score rule's, dropout, warp-specialized; and the pointer configs it runs with TMA=False), launched directly
+    (launch.forward_with_tma_config) on a shape with ragged ends and GQA, against the float64 reference under the
+    tolerance rule: the autotuner keeps whichever is fastest, so every one must be right."""
     from llmkernels import reference
     from llmkernels.contract import ScoreRule
     from llmkernels.triton_kernels.attention import configs
@@ -165,7 +161,7 @@ def test_every_descriptor_candidate(dt, bucket, device):
         cases = list(kinds.values())
     for cfg, causal, p, r in cases:
         out, lse = launch.forward_with_tma_config(q, k, v, None, p, causal, scale, rng if p else None, r, cfg)
-        keep = _keep_mask(rng, (B, Hq, L, S), p, device) if p else None
+        keep = triton_keep_mask(rng, (B, Hq, L, S), p, device) if p else None
         variant = {}
         if r is not None:
             variant = dict(window_size=(40, -1), softcap=5.0)

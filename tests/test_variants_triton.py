@@ -12,13 +12,9 @@ import torch
 import llmkernels
 from llmkernels import dispatch, contract
 from llmkernels.triton_kernels import attention as triton_attention
-from attention_check import check_attention, random_mask
+from attention_check import check_attention, random_mask, triton_keep_mask
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def _keep_mask(rng_state, shape, dropout_p, device):
-    return triton_attention.dropout_keep_mask(rng_state, *shape, dropout_p, device)
 
 
 def _inputs(B, Hq, Hkv, L, S, E, Ev, dtype, seed, device):
@@ -78,7 +74,7 @@ def test_variant_matches_float64_reference(name, device):
 
     triton_attention.attention_forward = spy
     try:
-        out, lse, grads = check_attention("triton", _keep_mask, q, k, v, mask, enable_gqa=True,
+        out, lse, grads = check_attention("triton", triton_keep_mask, q, k, v, mask, enable_gqa=True,
                                           dropout_p=dropout_p, seed=L, **kw)
     finally:
         triton_attention.attention_forward = original
@@ -135,7 +131,7 @@ def test_finfo_min_rows_with_window_take_dense_backward_and_match(device):
 
     triton_attention.launch._dense_backward = spy
     try:
-        check_attention("triton", _keep_mask, q, k, v, mask, lse_grad=False, window_size=(5, 2), softcap=2.0,
+        check_attention("triton", triton_keep_mask, q, k, v, mask, lse_grad=False, window_size=(5, 2), softcap=2.0,
                         alibi_slopes=torch.rand(H, generator=g).to(device))
     finally:
         triton_attention.launch._dense_backward = original
@@ -170,7 +166,7 @@ def test_alibi_far_from_every_key_keeps_the_row_sum(dt, device):
     rule by 16x that way). Such calls take the dense backward (launch.LSE_EXACT_LIMIT)."""
     q, k, v, _ = _inputs(1, 2, 1, 60, 4, 16, 16, DTYPES[dt], 13, device)
     slopes = torch.tensor([100.0, 0.5], device=device)
-    out, lse, _ = check_attention("triton", _keep_mask, q, k, v, None, enable_gqa=True, alibi_slopes=slopes,
+    out, lse, _ = check_attention("triton", triton_keep_mask, q, k, v, None, enable_gqa=True, alibi_slopes=slopes,
                                   causal_alignment="bottom_right", seed=2)
     assert lse[0, 0, 0] < -5000 and torch.isfinite(lse).all()
 
@@ -183,7 +179,7 @@ def test_hidden_blocks_are_never_read(name, device):
     q, k, v, g = _inputs(B, H, H, L, S, E, E, torch.float32, seed=L + S, device=device)
     grad_out = torch.randn(B, H, L, E, generator=g).to(device)
     grad_lse = torch.randn(B, H, L, generator=g).to(device)
-    check_attention("triton", _keep_mask, q, k, v, None, grad_out=grad_out, seed=3, **kw)
+    check_attention("triton", triton_keep_mask, q, k, v, None, grad_out=grad_out, seed=3, **kw)
 
     def run(q, k, v, grad_out):
         leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
