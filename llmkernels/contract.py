@@ -194,6 +194,17 @@ def _check_softcap(softcap) -> float:
     return softcap
 
 
+def _check_alibi_tensor(alibi_slopes, query: torch.Tensor, dtypes: tuple) -> None:
+    """alibi_slopes' type, dtype (float32; float64 too for float64 inputs where the backend takes them), device and
+    that it needs no gradient; the shape rule is the caller's (dense and varlen differ)."""
+    f64 = (torch.float64,) if query.dtype == torch.float64 and torch.float64 in dtypes else ()
+    _check_rule_tensor("alibi_slopes", alibi_slopes, query, (torch.float32,) + f64,
+                       "float32" + (" or float64" if f64 else ""))
+    if alibi_slopes.requires_grad:
+        raise ValueError("alibi_slopes requires grad; llmkernels takes the ALiBi slopes as constants and computes no "
+                         "gradient for them (pass alibi_slopes.detach())")
+
+
 def _check_rule_tensor(name: str, t, query: torch.Tensor, dtypes: tuple, dtype_desc: str) -> None:
     _check_tensor(name, t)
     if t.dtype not in dtypes:
@@ -237,12 +248,7 @@ def _score_rule(query, window_size, causal_alignment, softcap, alibi_slopes, sin
 
     H = batch[-1] if batch else 1
     if alibi_slopes is not None:
-        f64 = (torch.float64,) if query.dtype == torch.float64 and torch.float64 in dtypes else ()
-        _check_rule_tensor("alibi_slopes", alibi_slopes, query, (torch.float32,) + f64,
-                           "float32" + (" or float64" if f64 else ""))
-        if alibi_slopes.requires_grad:
-            raise ValueError("alibi_slopes requires grad; llmkernels takes the ALiBi slopes as constants and "
-                             "computes no gradient for them (pass alibi_slopes.detach())")
+        _check_alibi_tensor(alibi_slopes, query, dtypes)
         try:
             fits = alibi_slopes.dim() >= 1 and torch.broadcast_shapes(alibi_slopes.shape, batch) == batch
         except RuntimeError:

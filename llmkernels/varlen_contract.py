@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from .contract import (SUPPORTED_DTYPES, ScoreRule, _check_rule_tensor, _check_scale, _check_softcap,
+from .contract import (SUPPORTED_DTYPES, ScoreRule, _check_alibi_tensor, _check_scale, _check_softcap,
                        _check_window_size, check_query_key_value)
 
 
@@ -161,12 +161,7 @@ def check_varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, max_se
 def _check_varlen_alibi(alibi_slopes, query, B: int, Hq: int, dtypes) -> Optional[torch.Tensor]:
     if alibi_slopes is None:
         return None
-    f64 = (torch.float64,) if query.dtype == torch.float64 and torch.float64 in dtypes else ()
-    _check_rule_tensor("alibi_slopes", alibi_slopes, query, (torch.float32,) + f64,
-                       "float32" + (" or float64" if f64 else ""))
-    if alibi_slopes.requires_grad:
-        raise ValueError("alibi_slopes requires grad; llmkernels takes the ALiBi slopes as constants and computes no "
-                         "gradient for them (pass alibi_slopes.detach())")
+    _check_alibi_tensor(alibi_slopes, query, dtypes)
     shape = tuple(alibi_slopes.shape)
     if shape == (Hq,):
         return alibi_slopes.expand(B, Hq)
