@@ -250,12 +250,9 @@ def test_compile_fullgraph_decode_step(append):
     assert torch.equal(kc, eager_kc) and torch.equal(vc, eager_vc)  # the append happened in place under compile
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")
-def test_dense_op_takes_decode_path_with_same_meaning():
-    """scaled_dot_product_attention with L = 1 against 150 keys runs the decode kernels (spied) and matches the
-    reference forward and backward; top-left causal with L = 3 < S keeps the regular path."""
-    from attention_check import check_attention
-
+@pytest.fixture
+def dense_decode_calls(monkeypatch):
+    """A list that gets one entry per run of the dense op's decode path (decode.dense_decode_forward)."""
     calls = []
     original = decode.dense_decode_forward
 
@@ -263,23 +260,29 @@ def test_dense_op_takes_decode_path_with_same_meaning():
         calls.append(True)
         return original(*args)
 
+    monkeypatch.setattr(decode, "dense_decode_forward", spy)
+    return calls
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_dense_op_takes_decode_path_with_same_meaning(dense_decode_calls):
+    """scaled_dot_product_attention with L = 1 against 130 keys runs the decode kernels (spied) and matches the
+    reference forward and backward; top-left causal with L = 3 < S keeps the regular path."""
+    from attention_check import check_attention
+
     g = torch.Generator().manual_seed(8)
     q = torch.randn(1, 4, 1, 16, generator=g)
     k, v = torch.randn(1, 2, 130, 16, generator=g), torch.randn(1, 2, 130, 16, generator=g)
-    decode.dense_decode_forward = spy
-    try:
-        check_attention("triton", None, q, k, v, enable_gqa=True, is_causal=True, causal_alignment="bottom_right")
-        assert len(calls) == 1
-        # top-left causal, L = 3 < S: query 0 sees key 0 only, which the decode kernel does not express
-        q3 = torch.randn(1, 4, 3, 16, generator=g)
-        out = llmkernels.scaled_dot_product_attention(q3, k, v, enable_gqa=True, is_causal=True, backend="triton")
-        assert len(calls) == 1
-        ref = reference.scaled_dot_product_attention(q3.double(), k.double(), v.double(), enable_gqa=True,
-                                                     is_causal=True)
-        naive = reference.scaled_dot_product_attention(q3, k, v, enable_gqa=True, is_causal=True)
-        assert_by_rule("out", out, ref, naive, torch.float32)
-    finally:
-        decode.dense_decode_forward = original
+    check_attention("triton", None, q, k, v, enable_gqa=True, is_causal=True, causal_alignment="bottom_right")
+    assert len(dense_decode_calls) == 1
+    # top-left causal, L = 3 < S: query 0 sees key 0 only, which the decode kernel does not express
+    q3 = torch.randn(1, 4, 3, 16, generator=g)
+    out = llmkernels.scaled_dot_product_attention(q3, k, v, enable_gqa=True, is_causal=True, backend="triton")
+    assert len(dense_decode_calls) == 1
+    ref = reference.scaled_dot_product_attention(q3.double(), k.double(), v.double(), enable_gqa=True,
+                                                 is_causal=True)
+    naive = reference.scaled_dot_product_attention(q3, k, v, enable_gqa=True, is_causal=True)
+    assert_by_rule("out", out, ref, naive, torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -338,26 +341,15 @@ def test_bad_input_errors(name, monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-def test_dense_op_decode_path_variants_bf16_strided():
+def test_dense_op_decode_path_variants_bf16_strided(dense_decode_calls):
     """The decode path of the dense op with bf16, padded head dims (40, Ev 24), MQA, the (B, L, H, E) layout as
     transposed views, bottom-right causal window, softcap and ALiBi: forward and backward pass the rule."""
     from attention_check import check_attention
-
-    calls = []
-    original = decode.dense_decode_forward
-
-    def spy(*args):
-        calls.append(True)
-        return original(*args)
 
     g = torch.Generator().manual_seed(1)
     q = torch.randn(1, 3, 6, 40, generator=g).bfloat16().transpose(1, 2)
     k = torch.randn(1, 130, 1, 40, generator=g).bfloat16().transpose(1, 2)
     v = torch.randn(1, 130, 1, 24, generator=g).bfloat16().transpose(1, 2)
-    decode.dense_decode_forward = spy
-    try:
-        check_attention("triton", None, q, k, v, enable_gqa=True, is_causal=True, causal_alignment="bottom_right",
-                        alibi_slopes=torch.rand(6, generator=g) * 0.3, window_size=(70, 0), softcap=5.0)
-    finally:
-        decode.dense_decode_forward = original
-    assert calls
+    check_attention("triton", None, q, k, v, enable_gqa=True, is_causal=True, causal_alignment="bottom_right",
+                    alibi_slopes=torch.rand(6, generator=g) * 0.3, window_size=(70, 0), softcap=5.0)
+    assert dense_decode_calls
