@@ -179,6 +179,12 @@ def gather_kvcache(cache: torch.Tensor, b: int, n: int, block_table: Optional[to
         return cache[b, :n]
     page_size = cache.shape[1]
     pages = block_table[b, :(n + page_size - 1) // page_size].long()
+    bad = (pages < 0) | (pages >= cache.shape[0])
+    if bool(bad.any()):
+        # Indexing would wrap a negative entry to the last page (wrong numbers) or fail on the device: refuse.
+        p = int(bad.nonzero()[0, 0])
+        raise ValueError(f"block_table[{b}, {p}] = {int(pages[p])} is not a page of the cache (0 .. "
+                         f"{cache.shape[0] - 1}), and sequence {b} uses that entry")
     return cache[pages].reshape(-1, *cache.shape[2:])[:n]
 
 

@@ -31,6 +31,17 @@ def device() -> str:
     return "cuda" if HAS_GPU else "cpu"
 
 
+@pytest.fixture
+def auto_dispatch():
+    """The default "auto" choice for the test (runnable.default_dispatch: the reference backend stands in for a
+    kernel family that is missing); yields the backend "auto" resolves to for typical inputs. Modules that need
+    it for every test mark themselves with ``pytestmark = pytest.mark.usefixtures("auto_dispatch")``."""
+    from runnable import default_dispatch  # runnable imports this module: import it when the fixture runs
+
+    with default_dispatch() as name:
+        yield name
+
+
 @pytest.fixture(autouse=True)
 def poison_outputs():
     """Every kernel output starts as NaN during tests, so an unwritten element cannot pass."""

@@ -295,12 +295,6 @@ def test_auto_falls_back_where_the_backend_cannot_take_the_head_dim():
 # NaN and inf in the inputs: as PyTorch's math path (CPU, float64), where the position is not masked.
 
 
-@pytest.fixture
-def auto_dispatch():
-    with default_dispatch() as name:
-        yield name
-
-
 def _torch_math(q, k, v, **kw):
     with sdpa_kernel(SDPBackend.MATH):
         return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), **kw)

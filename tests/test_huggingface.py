@@ -16,7 +16,6 @@ transformers = pytest.importorskip("transformers")
 import llmkernels  # noqa: E402
 from llmkernels import ops, varlen  # noqa: E402
 from llmkernels.integrations import huggingface as lk_hf  # noqa: E402
-from runnable import default_dispatch  # noqa: E402
 from tolerance import assert_by_rule  # noqa: E402
 
 VOCAB, LAYERS = 128, 2
@@ -28,10 +27,7 @@ def _config(kv_heads):
                                     max_position_embeddings=64, attention_dropout=0.0)
 
 
-@pytest.fixture(autouse=True)
-def auto_dispatch():
-    with default_dispatch() as name:
-        yield name
+pytestmark = pytest.mark.usefixtures("auto_dispatch")
 
 
 @pytest.fixture

@@ -16,16 +16,12 @@ transformers = pytest.importorskip("transformers")
 
 from llmkernels.integrations import hf_decode  # noqa: E402
 from llmkernels.integrations import huggingface as lk_hf  # noqa: E402
-from runnable import default_dispatch  # noqa: E402
 from tolerance import assert_by_rule  # noqa: E402
 
 VOCAB, PROMPT, NEW, WINDOW = 64, 21, 5, 18
 
 
-@pytest.fixture(autouse=True)
-def auto_dispatch():
-    with default_dispatch() as name:
-        yield name
+pytestmark = pytest.mark.usefixtures("auto_dispatch")
 
 
 @pytest.fixture

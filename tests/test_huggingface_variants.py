@@ -24,7 +24,6 @@ from transformers import masking_utils  # noqa: E402
 from llmkernels import ops, varlen  # noqa: E402
 from llmkernels.integrations import hf_varlen  # noqa: E402
 from llmkernels.integrations import huggingface as lk_hf  # noqa: E402
-from runnable import default_dispatch  # noqa: E402
 from test_huggingface import _run  # noqa: E402  (logits, loss and gradients of one training step)
 from tolerance import assert_by_rule  # noqa: E402
 
@@ -61,10 +60,7 @@ REFERENCE_IMPL = {"mistral": "sdpa", "qwen2": "sdpa", "gemma3": "sdpa", "gemma2"
 KINDS = list(REFERENCE_IMPL)
 
 
-@pytest.fixture(autouse=True)
-def auto_dispatch():
-    with default_dispatch() as name:
-        yield name
+pytestmark = pytest.mark.usefixtures("auto_dispatch")
 
 
 @pytest.fixture(autouse=True)

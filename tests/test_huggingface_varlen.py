@@ -13,8 +13,10 @@ from transformers import DataCollatorWithFlattening, masking_utils  # noqa: E402
 
 from llmkernels.integrations import hf_varlen  # noqa: E402
 from llmkernels.integrations import huggingface as lk_hf  # noqa: E402
-from test_huggingface import _models, _run, auto_dispatch, kernel_calls  # noqa: E402,F401  (fixtures)
+from test_huggingface import _models, _run, kernel_calls  # noqa: E402,F401  (fixtures)
 from tolerance import assert_by_rule  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("auto_dispatch")
 
 DOCS = (5, 9, 1, 4)  # odd lengths, one of a single token
 

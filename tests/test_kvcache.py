@@ -49,7 +49,7 @@ def make_cache(B, Hkv, E, Ev, lengths, capacity, page_size, dtype, g, garbage_ta
         table[b, used:] = tail.int()
         for p in range(used):
             page = int(table[b, p])
-            rows = min(page_size, n - p * page_size)
+            rows = max(0, min(page_size, n - p * page_size))  # pages only the appended tokens use: none
             kp[page, :rows] = k[page, :rows]
             vp[page, :rows] = v[page, :rows]
     return kp.to(dtype), vp.to(dtype), table, k.to(dtype), v.to(dtype)
@@ -353,3 +353,16 @@ def test_dense_op_decode_path_variants_bf16_strided(dense_decode_calls):
     check_attention("triton", None, q, k, v, enable_gqa=True, is_causal=True, causal_alignment="bottom_right",
                     alibi_slopes=torch.rand(6, generator=g) * 0.3, window_size=(70, 0), softcap=5.0)
     assert dense_decode_calls
+
+
+def test_reference_refuses_pages_outside_the_cache():
+    """Without validation (CUDA tensors, validate=False) a bad block-table entry reaches the reference backend's
+    gather: a -1 would index the last page and give wrong numbers, so it is refused there, naming the entry."""
+    cache = torch.randn(3, 16, 1, 8)
+    table = torch.tensor([[2, -1], [0, 1]], dtype=torch.int32)
+    assert torch.equal(reference.gather_kvcache(cache, 1, 20, table), torch.cat([cache[0], cache[1]])[:20])
+    with pytest.raises(ValueError, match=r"block_table\[0, 1\] = -1"):
+        reference.gather_kvcache(cache, 0, 20, table)
+    with pytest.raises(ValueError, match=r"block_table\[1, 0\] = 3"):
+        reference.gather_kvcache(cache, 1, 5, torch.tensor([[0, 0], [3, 0]], dtype=torch.int32))
+    assert reference.gather_kvcache(cache, 0, 16, table).shape == (16, 1, 8)  # the -1 entry is not used

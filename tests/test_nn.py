@@ -13,7 +13,6 @@ import torch.nn as nn
 import llmkernels
 from llmkernels import ops
 from llmkernels.nn import SelfAttention
-from runnable import default_dispatch
 from tolerance import FLOOR, assert_by_rule
 
 
@@ -76,10 +75,7 @@ class FixedSeedSelfAttention(LiteralSeedSelfAttention):
         return self.fc_out(out)
 
 
-@pytest.fixture(autouse=True)
-def auto_dispatch():
-    with default_dispatch() as name:
-        yield name
+pytestmark = pytest.mark.usefixtures("auto_dispatch")
 
 
 def _modules(embed, heads, dtype, device, seed=0):

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 import llmkernels
 from llmkernels import ops, reference
 from llmkernels.integrations import sdpa_routing as routing
-from runnable import default_dispatch
 from tolerance import assert_by_rule
 
 TORCH_SDPA = F.scaled_dot_product_attention
@@ -37,12 +36,6 @@ def kernel_calls(monkeypatch):
 
     monkeypatch.setattr(ops, "sdpa_forward", spy)
     return calls
-
-
-@pytest.fixture
-def auto_dispatch():
-    with default_dispatch() as name:
-        yield name
 
 
 def _qkv(B=2, Hq=4, Hkv=4, L=9, S=13, E=16, Ev=16, dtype=torch.float32, device="cpu", seed=0):

@@ -29,10 +29,9 @@ CUDA_REASON = ("the cuda backend writes outputs only in the input dtype; context
 
 def partial_reasons(name: str, args: AttentionArgs) -> list:
     """Why backend ``name`` cannot run the local calls of a ring / all-gather step (empty: it can)."""
-    reasons = list(dispatch.get_backend(name).attention_reasons(args))
     if name not in FP32_PARTIAL_BACKENDS:
-        reasons.append(CUDA_REASON)
-    return reasons
+        return [CUDA_REASON]  # decided before asking the backend, which may build its extension to answer
+    return list(dispatch.get_backend(name).attention_reasons(args))
 
 
 def choose_backend(args: AttentionArgs, backend: Optional[str]) -> str:
