@@ -322,6 +322,9 @@ BAD = {
     "num_splits": (dict(num_splits=-1), ValueError, "num_splits must be"),
     "causal and right window": (dict(is_causal=True, window_size=(4, 2)), ValueError, "window_size right side"),
     "alibi shape": (dict(alibi_slopes=torch.rand(3)), ValueError, "alibi_slopes of shape"),
+    "append into an expanded cache": (dict(k_cache=torch.randn(1, 16, 2, 16).expand(3, 16, 2, 16),
+                                           k=torch.randn(2, 1, 2, 16), v=torch.randn(2, 1, 2, 16)), ValueError,
+                                      "k_cache has overlapping memory"),
 }
 
 
