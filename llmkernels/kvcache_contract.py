@@ -146,7 +146,9 @@ def check_kvcache(query, k_cache, v_cache, cache_seqlens, k=None, v=None, block_
                 raise ValueError(f"{name} must have shape (B, Lq, Hkv, {'E' if name == 'k' else 'Ev'}) = "
                                  f"{(B, Lq, Hkv, d)}, got {tuple(t.shape)}")
         for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-            if torch._debug_has_internal_overlap(cache) == 1:
+            # A stride-0 dim of size > 1 (an expand) is the usual case and traceable; the full test outside tracing.
+            if (any(st == 0 and n > 1 for n, st in zip(cache.shape, cache.stride()))
+                    or (not _is_tracing() and torch._debug_has_internal_overlap(cache) == 1)):
                 raise ValueError(f"{name} has overlapping memory (e.g. an expanded, stride-0 dim); appending k and v "
                                  f"would write one slot for several positions: pass a cache with its own storage")
     new = Lq if k is not None else 0

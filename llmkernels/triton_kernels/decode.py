@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
+from .attention.launch import _block, _dot_precision  # the dense kernels' tile sides and fp32 policy
 from .attention.ranges import _visible
 from .attention.tiles import _score_scale, _score_unit, _tanh
 from .interpreter import interpreting
@@ -186,7 +187,7 @@ def _decode_merge_kernel(OutPart, LsePart, Out, Lse, stride_ob, stride_ot, strid
 def _append_kernel(KCache, VCache, Knew, Vnew, CacheSeqlens, BlockTable,
                    stride_kp, stride_kn, stride_kh, stride_kd, stride_vp, stride_vn, stride_vh, stride_vd,
                    stride_knb, stride_knt, stride_knh, stride_knd, stride_vnb, stride_vnt, stride_vnh, stride_vnd,
-                   stride_btb, stride_btp, Lq, Hkv, capacity, num_pages, page_size, max_pages,
+                   stride_btb, stride_btp, Lq, Hkv, capacity, num_pages, page_size,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, PAGED: tl.constexpr,
                    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """Token t of sequence b to position cache_seqlens[b] + t; skipped when that is outside the capacity or its
@@ -223,10 +224,6 @@ def _append_kernel(KCache, VCache, Knew, Vnew, CacheSeqlens, BlockTable,
 # launch configs and host launchers
 
 
-def _block(dim: int) -> int:
-    return max(16, triton.next_power_of_2(dim))
-
-
 def block_m(group: int, Lq: int, head_dim_block: int, dtype: torch.dtype) -> int:
     """Query rows per program: the packed rows of one kv head, a power of two from 16 (tl.dot) up to the largest
     tile the static compile report shows spill-free on sm_80 and sm_90: 64 rows at head dim 64, 32 at 128, 16 at
@@ -251,13 +248,6 @@ def decode_config(head_dim_block: int, dtype: torch.dtype) -> dict:
     if head_dim_block <= 128:
         return dict(BLOCK_N=64, num_warps=4, num_stages=3)
     return dict(BLOCK_N=32, num_warps=4, num_stages=2)
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # As the dense forward (attention/launch.py): IEEE fp32 products for fp32 unless TF32 is allowed.
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
 
 
 def kvcache_attention_forward(q, k_cache, v_cache, seqlens_k, block_table, is_causal, scale, rule, num_splits,
@@ -314,7 +304,7 @@ def kvcache_append(k_cache, v_cache, k, v, cache_seqlens, block_table) -> None:
         k_cache, v_cache, k, v, lengths, block_table if paged else lengths,
         *k_cache.stride(), *v_cache.stride(), *k.stride(), *v.stride(),
         *(block_table.stride() if paged else (0, 0)), Lq, Hkv, capacity, k_cache.shape[0], k_cache.shape[1],
-        block_table.shape[1] if paged else 1, HEAD_DIM=E, HEAD_DIM_V=Ev, PAGED=paged,
+        HEAD_DIM=E, HEAD_DIM_V=Ev, PAGED=paged,
         BLOCK_H=triton.next_power_of_2(Hkv), BLOCK_D=triton.next_power_of_2(E), BLOCK_DV=triton.next_power_of_2(Ev))
 
 
@@ -330,15 +320,15 @@ DENSE_DECODE_MIN_KEYS = 128  # S at least this
 def takes_dense_decode(q, k, mask, dropout_p: float, is_causal: bool, rule) -> bool:
     """Whether the dense op's forward on canonical inputs q (B, Hq, L, E), k (B, Hkv, S, E) can take the decode
     kernel with the same meaning: no mask, dropout or sinks (the kernel has none), and a diagonal at S - L
-    wherever one is used (the kernel aligns bottom-right; a top-left causal/window/ALiBi call with L != S keeps
-    the regular path)."""
+    wherever one is used (the kernel aligns bottom-right; a top-left causal/window/ALiBi call keeps the regular
+    path: here S >= 2L, so its diagonal is not S - L)."""
     L, S = q.shape[2], k.shape[2]
     if mask is not None or dropout_p > 0.0 or rule.sinks is not None:
         return False
     if not (L <= DENSE_DECODE_MAX_QUERIES and S >= max(DENSE_DECODE_MIN_KEYS, 2 * L)):
         return False
     uses_diagonal = is_causal or rule.window_left >= 0 or rule.window_right >= 0 or rule.alibi_slopes is not None
-    return rule.bottom_right or not uses_diagonal or L == S
+    return rule.bottom_right or not uses_diagonal
 
 
 def dense_decode_forward(q, k, v, is_causal: bool, scale: float, rule):
@@ -417,7 +407,7 @@ def compile_specs(arch: int) -> list:
     cache = (_SPEC_PAGE * H * D, H * D, D, 1)
     append = dict(KCache=dt, VCache=dt, Knew=dt, Vnew=dt, CacheSeqlens="*i32", BlockTable="*i32",
                   stride_btb=1024, stride_btp=1, Lq=4, Hkv=H, capacity=16384, num_pages=_SPEC_PAGES,
-                  page_size=_SPEC_PAGE, max_pages=1024, HEAD_DIM=D, HEAD_DIM_V=D, PAGED=True, BLOCK_H=H,
+                  page_size=_SPEC_PAGE, HEAD_DIM=D, HEAD_DIM_V=D, PAGED=True, BLOCK_H=H,
                   BLOCK_D=D, BLOCK_DV=D)
     for prefix, strides in (("k", cache), ("v", cache), ("kn", (4 * H * D, H * D, D, 1)),
                             ("vn", (4 * H * D, H * D, D, 1))):

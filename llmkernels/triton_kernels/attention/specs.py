@@ -70,13 +70,12 @@ _VARLEN_FLAGS = dict(HAS_MASK=False, MASK_IS_BOOL=False, HAS_SINKS=False, VARLEN
 def _common_args(dtype, head_dim, flags):
     dt = "*" + _TRITON_DTYPE[dtype]
     H, L, D = _SPEC_H, _SPEC_L, head_dim
-    t_strides = (H * L * D, L * D, D, 1)
+    # (B, H, L, D) contiguous; VARLEN: (T, H, D) as a (1, H, T, D) view (batch stride 0)
+    t_strides = (0, D, H * D, 1) if flags.get("VARLEN") else (H * L * D, L * D, D, 1)
     names = {}
     for prefix in ("q", "k", "v", "o", "do"):
         for suffix, value in zip(("b", "h", "m" if prefix in ("q", "o", "do") else "n", "d"), t_strides):
             names[f"stride_{prefix}{suffix}"] = value
-    if flags.get("VARLEN"):
-        t_strides = (0, D, H * D, 1)
     mask_strides = (0, 0, L, 1) if flags.get("HAS_MASK") else (0, 0, 0, 0)
     for suffix, value in zip(("b", "h", "m", "n"), mask_strides):
         names[f"stride_mask_{suffix}"] = value
