@@ -143,7 +143,7 @@ def _reference(q, k, v, L, S, window, softcap, scale, start):
 def test_attention_forward_decode_route(L, Hkv, window, softcap, padded, decode_calls, monkeypatch):
     """attention_forward's split-K routes against the float64 reference (S = 37 keys, head dim 24). Left padding
     of 0, 5, 17, 30 and all 37 keys: whole pages with 5, 0 and 4 keys before them, 7 keys and no page, no key at
-    all; the padding keys are NaN, so reading one shows. Calls that must stay dense: a key-padding mask not
+    all; the padding keys and the keys left of the window are NaN, so reading one shows. Calls that must stay dense: a key-padding mask not
     recorded as left padding by mask_builder, a gradient."""
     B, Hq, S, D = 5, 8, 37, 24
     g = torch.Generator().manual_seed(5)
@@ -152,8 +152,11 @@ def test_attention_forward_decode_route(L, Hkv, window, softcap, padded, decode_
     v = torch.randn(B, Hkv, S, D, generator=g)
     start = torch.tensor([0, 5, 17, 30, 37]) if padded else torch.zeros(B, dtype=torch.long)
     pad = torch.arange(S)[None, :] >= start[:, None]
-    k = k.masked_fill(~pad[:, None, :, None], float("nan"))
-    v = v.masked_fill(~pad[:, None, :, None], float("nan"))
+    # NaN the padding keys and, with a window, the keys left of every row's window (row 0 sits at S - L and sees
+    # keys > S - L - window): the kernels must read neither.
+    hidden = ~pad if window is None else ~pad | (torch.arange(S)[None, :] <= S - L - window)
+    k = k.masked_fill(hidden[:, None, :, None], float("nan"))
+    v = v.masked_fill(hidden[:, None, :, None], float("nan"))
     mask = None
     if padded:
         mask = pad.clone()

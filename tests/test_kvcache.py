@@ -55,6 +55,21 @@ def make_cache(B, Hkv, E, Ev, lengths, capacity, page_size, dtype, g, garbage_ta
     return kp.to(dtype), vp.to(dtype), table, k.to(dtype), v.to(dtype)
 
 
+def _poison_left_of_window(kc, vc, table, lengths, new, Lq, window_left):
+    """NaN in our op's cache at the positions left of every row's window (bottom-right: row 0 of sequence b sits at
+    position lengths[b] + new - Lq and sees keys from window_left before it), which the kernels must never read;
+    the references keep the clean cache."""
+    if window_left < 0:
+        return
+    for b, n in enumerate(lengths):
+        for j in range(max(0, n + new - Lq - window_left)):
+            if table is None:
+                kc[b, j], vc[b, j] = NAN, NAN
+            else:
+                page, slot = int(table[b, j // kc.shape[1]]), j % kc.shape[1]
+                kc[page, slot], vc[page, slot] = NAN, NAN
+
+
 def run_case(dt, B, Lq, Hq, Hkv, E, Ev, lengths, capacity, page_size, append, seed, num_splits=0, int_lengths=False,
              garbage_tail="-1", **variant):
     """Ours (triton) against the float64 and the naive references; returns (out, lse, k_cache, inputs)."""
@@ -67,6 +82,7 @@ def run_case(dt, B, Lq, Hq, Hkv, E, Ev, lengths, capacity, page_size, append, se
     if append:
         knew = torch.randn(B, Lq, Hkv, E, generator=g).to(dtype)
         vnew = torch.randn(B, Lq, Hkv, Ev, generator=g).to(dtype)
+    _poison_left_of_window(kc, vc, table, lengths, Lq if append else 0, Lq, variant.get("window_size", (-1, -1))[0])
     if variant.pop("alibi", False):
         variant["alibi_slopes"] = torch.rand(B, Hq, generator=g) * 0.5
     seqlens = lengths[0] if int_lengths else torch.tensor(lengths, dtype=torch.int32)
@@ -353,8 +369,11 @@ def test_dense_op_decode_path_variants_bf16_strided(dense_decode_calls):
     q = torch.randn(1, 3, 6, 40, generator=g).bfloat16().transpose(1, 2)
     k = torch.randn(1, 130, 1, 40, generator=g).bfloat16().transpose(1, 2)
     v = torch.randn(1, 130, 1, 24, generator=g).bfloat16().transpose(1, 2)
+    # Row 0 sits at key 124 (bottom-right, L = 6, S = 130) and sees from key 54: the whole 16-key blocks before it
+    # (keys 0..47) are NaN for our op (the regular backward reads the partly visible block 48..63 as a tile).
     check_attention("triton", None, q, k, v, enable_gqa=True, is_causal=True, causal_alignment="bottom_right",
-                    alibi_slopes=torch.rand(6, generator=g) * 0.3, window_size=(70, 0), softcap=5.0)
+                    alibi_slopes=torch.rand(6, generator=g) * 0.3, window_size=(70, 0), softcap=5.0,
+                    hidden_keys=slice(0, 48))
     assert dense_decode_calls
 
 

@@ -125,9 +125,6 @@ def left_padded_decode(query, key, value, pad: torch.Tensor, is_causal: bool, sc
     k2 = key.gather(2, idx.expand(B, Hkv, PAGE - 1, E)).float()
     valid = t[None, :] < head[:, None]  # (B, PAGE - 1)
     v2 = value.gather(2, idx.expand(B, Hkv, PAGE - 1, Ev)).float()
-    # a hidden slot may hold a padding key (a row with fewer than PAGE - 1 keys): its weight is 0, but 0 * NaN
-    # or 0 * inf is not, so it must not reach the product
-    v2 = v2.masked_fill(~valid[:, None, :, None], 0.0)
     G = Hq // Hkv
     q = query.float().reshape(B, Hkv, G * L, E)  # rows: head g of the group at query position i, row g * L + i
     s = torch.einsum("bhre,bhte->bhrt", q, k2) * scale
@@ -144,6 +141,9 @@ def left_padded_decode(query, key, value, pad: torch.Tensor, is_causal: bool, sc
     if right >= 0:
         keep = keep & (kpos <= qpos[None, None, :, None] + right)
     s = s.masked_fill(~keep, float("-inf"))
+    # A slot no row sees (a padding key, a row with fewer than PAGE - 1 keys, a key left of every window) has
+    # weight 0, but 0 * NaN or 0 * inf is not 0, so its value must not reach the product.
+    v2 = v2.masked_fill(~keep.any(2)[..., None], 0.0)
     lse2 = torch.logsumexp(s, -1)  # (B, Hkv, G * L); -inf where no key
     p2 = torch.exp(s - lse2.nan_to_num(neginf=0.0)[..., None])  # 0 where hidden (and for rows with no key)
     out2 = torch.einsum("bhrt,bhtd->bhrd", p2, v2)
