@@ -96,7 +96,7 @@ def test_generate_left_padded_same_tokens_as_sdpa(kind, cache, decode_calls):
     assert decode_calls == [(1, hf_decode.PAGE, True)] * steps
 
 
-@pytest.mark.parametrize("kind", ["llama"])
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
 def test_generate_decode_steps_take_split_k(kind, decode_calls):
     """Without padding the dynamic cache's decode steps reach us with no mask: every one of them (NEW - 1 steps
     in each layer, L = 1 against the cache) runs attention_with_kvcache, and the tokens are sdpa's."""
