@@ -223,9 +223,13 @@ def test_reference_backend_matches_triton_and_auto_picks_triton():
     reasons = dispatch.kvcache_not_supported_reasons(a)
     assert reasons["triton"] == [] and reasons["reference"] == [] and "no KV-cache" in reasons["cuda"][0]
     assert dispatch.choose_kvcache_backend(a, "auto") == "triton"
-    ours = llmkernels.attention_with_kvcache(q, kc, vc, lengths, backend="triton")
-    ref = llmkernels.attention_with_kvcache(q, kc, vc, lengths, backend="reference")
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    ref64 = reference.attention_with_kvcache(q.double(), kc.double(), vc.double(), lengths,
+                                             compute_dtype=torch.float64)
+    naive = reference.attention_with_kvcache(q, kc, vc, lengths)
+    kc[0, 7:], vc[0, 7:] = float("nan"), float("nan")  # past sequence 0's length: neither backend reads it
+    for backend in ("triton", "reference"):
+        out = llmkernels.attention_with_kvcache(q, kc, vc, lengths, backend=backend)
+        assert_by_rule(f"{backend} out", out, ref64, naive, torch.float32)
     with pytest.raises(llmkernels.NotSupportedError, match="no KV-cache"):
         llmkernels.attention_with_kvcache(q, kc, vc, lengths, backend="cuda")
 
