@@ -13,8 +13,8 @@ from ...contract import ScoreRule
 from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
 from .backward_fused import _attn_bwd_dq_convert_kernel, _attn_bwd_fused_kernel
 from .configs import (INTERPRETER_BLOCK, INTERPRETING, PREPROCESS_BLOCK_M, SEQ_BUCKET_CAP, _configs_for,
-                      _device_arch, _head_bucket, _precision_class, _split_dkdv, _tuned, _tuned_fused,
-                      _tuned_fwd_tma, fused_configs_for)
+                      _device_arch, _has_rule_flags, _head_bucket, _precision_class, _split_dkdv, _tuned,
+                      _tuned_fused, _tuned_fwd_tma, fused_configs_for)
 from .forward import _attn_fwd_kernel
 from .forward_tma import _attn_fwd_tma_kernel, ensure_allocator, tma_eligible
 from .tiles import _dropout_keep_mask_kernel
@@ -83,9 +83,14 @@ def _rule_args(rule, is_causal: bool, L: int, S: int, like):
                    win_right=max(rule.window_right, 0), softcap=float(rule.softcap),
                    stride_alibi_b=slopes.stride(0) if slopes is not None else 0,
                    stride_alibi_h=slopes.stride(1) if slopes is not None else 0)
-    flags = dict(WINDOW_LEFT=rule.window_left >= 0, WINDOW_RIGHT=rule.window_right >= 0,
-                 HAS_SOFTCAP=rule.softcap > 0.0, HAS_ALIBI=slopes is not None)
-    return (slopes if slopes is not None else like), scalars, flags
+    return (slopes if slopes is not None else like), scalars, _rule_flags(rule)
+
+
+def _rule_flags(rule) -> dict:
+    """The backward and forward kernels' score-rule constexprs (sinks are the forward's own HAS_SINKS); the host
+    picks config tables by them exactly as the autotuner's prune does (configs._has_rule_flags)."""
+    return dict(WINDOW_LEFT=rule.window_left >= 0, WINDOW_RIGHT=rule.window_right >= 0,
+                HAS_SOFTCAP=rule.softcap > 0.0, HAS_ALIBI=rule.alibi_slopes is not None)
 
 
 def _check_rng(rng_state, dropout_p, device):
@@ -213,8 +218,7 @@ def _needs_dense_backward(q, E, Ev, dropout_p, rule=None) -> bool:
     variant = "dropout" if dropout_p > 0.0 else "base"
     precision = _precision_class(q.dtype)
     # The backward kernels see the window, softcap and ALiBi (sinks only through lse).
-    with_rule = rule is not None and (rule.window_left >= 0 or rule.window_right >= 0 or rule.softcap > 0.0
-                                      or rule.alibi_slopes is not None)
+    with_rule = rule is not None and _has_rule_flags(_rule_flags(rule))
     return any(_configs_for(arch, kernel, precision, bucket, variant, with_rule) is None
                for kernel in ("dkdv", "dq"))
 
@@ -294,8 +298,7 @@ def fused_backward_reasons(q, k, v, mask, dropout_p, mask_needs_grad, rule=None)
     if arch != 0:
         rule = ScoreRule() if rule is None else rule
         bucket = _head_bucket(max(_block(q.shape[-1]), _block(v.shape[-1])))
-        with_rule = (rule.window_left >= 0 or rule.window_right >= 0 or rule.softcap > 0.0
-                     or rule.alibi_slopes is not None)
+        with_rule = _has_rule_flags(_rule_flags(rule))
         variant = "dropout" if dropout_p > 0.0 else "base"
         if fused_configs_for(arch, _precision_class(q.dtype), bucket, variant, with_rule) is None:
             reasons.append(f"no spill-free fused config on sm_{arch} for {q.dtype} head dim bucket {bucket}, "
