@@ -261,17 +261,25 @@ def _varlen_configs_for(arch: int, kernel: str, precision: str, bucket: int, var
     return _configs_for(arch, kernel, precision, bucket, variant, rule)
 
 
+def _unique(configs, key=None) -> list:
+    """configs without repeats (by ``key``, default _config_key), first occurrence kept; None entries skipped."""
+    key = key or _config_key
+    seen, out = set(), []
+    for c in configs:
+        if key(c) not in seen:
+            seen.add(key(c))
+            out.append(c)
+    return out
+
+
 def _all_configs(arch: int, kernel: str) -> list:
     """Every config of the kernel on this arch (the autotuner's list, before pruning by head dim and dtype)."""
-    seen = []
-    for per_kernel in _CONFIGS[_arch_family(arch)].values():
-        for per_variant in per_kernel[kernel].values():
-            for configs in per_variant.values():
-                seen.extend(c for c in (configs or []) if _config_key(c) not in {_config_key(x) for x in seen})
-    for (family, _, name, *_), configs in [*_RULE_CONFIGS.items(), *_VARLEN_CONFIGS.items()]:
-        if family == _arch_family(arch) and name == kernel:
-            seen.extend(c for c in (configs or []) if _config_key(c) not in {_config_key(x) for x in seen})
-    return seen
+    lists = [configs for per_kernel in _CONFIGS[_arch_family(arch)].values()  # precision -> kernel ->
+             for per_variant in per_kernel[kernel].values()                     # bucket -> variant -> configs
+             for configs in per_variant.values()]
+    lists += [configs for (family, _, name, *_), configs in [*_RULE_CONFIGS.items(), *_VARLEN_CONFIGS.items()]
+              if family == _arch_family(arch) and name == kernel]
+    return _unique(c for configs in lists for c in configs or [])
 
 
 @functools.lru_cache(maxsize=None)
@@ -406,19 +414,9 @@ def _tuned_fwd_tma(kernel_fn):
     arch = _device_arch()
     if not 90 <= arch < 100:
         return None
-    every = [_as_pointer_config(c) for c in _all_configs(arch, "fwd")]
-    seen = {_tma_kernel_key(c) for c in every}
-    for per_variant in _TMA_FWD_SM90.values():
-        for configs in per_variant.values():
-            for c in configs:
-                if _tma_kernel_key(c) not in seen:
-                    seen.add(_tma_kernel_key(c))
-                    every.append(c)
-    for configs in _TMA_FWD_RULE_SM90.values():
-        for c in configs:
-            if _tma_kernel_key(c) not in seen:
-                seen.add(_tma_kernel_key(c))
-                every.append(c)
+    descriptor = [c for per_variant in _TMA_FWD_SM90.values() for configs in per_variant.values() for c in configs]
+    descriptor += [c for configs in _TMA_FWD_RULE_SM90.values() for c in configs]
+    every = _unique([_as_pointer_config(c) for c in _all_configs(arch, "fwd")] + descriptor, key=_tma_kernel_key)
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
@@ -458,15 +456,15 @@ FUSED_CONFIGS = {
     (80, "half", 128, "base"): [_cfg(32, 64, 8, 2), _cfg(16, 64, 8, 1)],
     (80, "half", 128, "dropout"): [_cfg(16, 64, 8, 1), _cfg(64, 32, 8, 1)],
 }
-# Calls with the score rule: (arch family, precision, bucket, variant, True) -> configs where they differ from
+# Calls with the score rule: (arch family, precision, bucket, variant) -> configs where they differ from
 # FUSED_CONFIGS[(family, precision, bucket, variant)] (one more live tile per score: the softcap's gradient).
 FUSED_RULE_CONFIGS = {
-    (90, "half", 64, "base", True): [_cfg(32, 128, 8, 1), _cfg(32, 64, 4, 1)],
-    (90, "half", 128, "base", True): [_cfg(16, 64, 8, 2), _cfg(16, 64, 8, 1)],
-    (80, "half", 64, "base", True): [_cfg(32, 64, 4, 1), _cfg(16, 64, 4, 1)],
-    (80, "half", 64, "dropout", True): [_cfg(16, 64, 8, 1), _cfg(32, 32, 4, 1)],
-    (80, "half", 128, "base", True): [_cfg(32, 64, 8, 1), _cfg(16, 64, 8, 2)],
-    (80, "half", 128, "dropout", True): [_cfg(64, 32, 8, 1)],
+    (90, "half", 64, "base"): [_cfg(32, 128, 8, 1), _cfg(32, 64, 4, 1)],
+    (90, "half", 128, "base"): [_cfg(16, 64, 8, 2), _cfg(16, 64, 8, 1)],
+    (80, "half", 64, "base"): [_cfg(32, 64, 4, 1), _cfg(16, 64, 4, 1)],
+    (80, "half", 64, "dropout"): [_cfg(16, 64, 8, 1), _cfg(32, 32, 4, 1)],
+    (80, "half", 128, "base"): [_cfg(32, 64, 8, 1), _cfg(16, 64, 8, 2)],
+    (80, "half", 128, "dropout"): [_cfg(64, 32, 8, 1)],
 }
 # What the static check rejected (spill bytes per thread, triton 3.8 / 3.6, fp16 and bf16 alike within a few
 # bytes); the tables above hold the spill-free tiles of the same sweep.
@@ -500,18 +498,15 @@ FUSED_EXCLUDED = [
 def fused_configs_for(arch: int, precision: str, bucket: int, variant: str, rule: bool = False):
     """The fused backward's configs for a call on sm_<arch>, or None where it takes the separate passes."""
     family = _arch_family(arch)
-    if rule and (family, precision, bucket, variant, True) in FUSED_RULE_CONFIGS:
-        return FUSED_RULE_CONFIGS[(family, precision, bucket, variant, True)]
+    if rule and (family, precision, bucket, variant) in FUSED_RULE_CONFIGS:
+        return FUSED_RULE_CONFIGS[(family, precision, bucket, variant)]
     return FUSED_CONFIGS.get((family, precision, bucket, variant))
 
 
 def _all_fused_configs(arch: int) -> list:
-    seen = []
-    tables = [c for (family, *_), c in FUSED_CONFIGS.items() if family == _arch_family(arch)]
-    tables += [c for (family, *_), c in FUSED_RULE_CONFIGS.items() if family == _arch_family(arch)]
-    for configs in tables:
-        seen.extend(c for c in (configs or []) if _config_key(c) not in {_config_key(x) for x in seen})
-    return seen
+    tables = [c for (family, *_), c in [*FUSED_CONFIGS.items(), *FUSED_RULE_CONFIGS.items()]
+              if family == _arch_family(arch)]
+    return _unique(c for configs in tables for c in configs or [])
 
 
 def _prune_fused(arch: int):

@@ -12,8 +12,8 @@ import triton
 from ..compile_check import CompileSpec
 from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
 from .backward_fused import _attn_bwd_dq_convert_kernel, _attn_bwd_fused_kernel
-from .configs import (FUSED_CONFIGS, FUSED_RULE_CONFIGS, PREPROCESS_BLOCK_M, _TMA_FWD_SM90, _configs_for,
-                      _precision_class, _split_dkdv, _tma_configs_for, _varlen_configs_for)
+from .configs import (FUSED_CONFIGS, FUSED_RULE_CONFIGS, PREPROCESS_BLOCK_M, _TMA_FWD_SM90, _as_pointer_config,
+                      _configs_for, _precision_class, _split_dkdv, _tma_configs_for, _varlen_configs_for)
 from .forward import _attn_fwd_kernel
 from .forward_tma import _attn_fwd_tma_kernel
 
@@ -164,7 +164,7 @@ def _fused_specs(arch: int) -> list:
         if fam != family:
             continue
         for rule in (False, True):
-            configs = FUSED_RULE_CONFIGS.get((fam, precision, bucket, variant, True), plain) if rule else plain
+            configs = FUSED_RULE_CONFIGS.get((fam, precision, bucket, variant), plain) if rule else plain
             dtypes = (torch.float16, torch.bfloat16) if precision == "half" else (torch.float32,)
             for dtype in dtypes:
                 for cfg in configs or []:
@@ -217,9 +217,7 @@ def _tma_fwd_specs(arch: int) -> list:
                 for variant, rule in ((v, r) for v in ("base", "dropout") for r in (False, True)):
                     pointer = _configs_for(arch, "fwd", "half", bucket, variant, rule)[0]
                     flags = dict(_FLAG_SETS[variant], **(_RULE_FLAGS if rule else _NO_RULE))
-                    jobs.append((triton.Config({**pointer.kwargs, "TMA": False, "WARP_SPECIALIZE": False},
-                                               num_warps=pointer.num_warps, num_stages=pointer.num_stages),
-                                 flags, f"{variant}{' rule' if rule else ''} pointer"))
+                    jobs.append((_as_pointer_config(pointer), flags, f"{variant}{' rule' if rule else ''} pointer"))
             for cfg, flags, tag in jobs:
                 args = _common_args(dtype, bucket, flags)
                 args.update(B=2, BLOCK_M=cfg.kwargs["BLOCK_M"], BLOCK_N=cfg.kwargs["BLOCK_N"], TMA=cfg.kwargs["TMA"],
