@@ -29,6 +29,7 @@ import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from .. import dispatch
+from ..distributed.merge import merge_partials
 from ..kvcache import attention_with_kvcache
 from ..kvcache_contract import check_kvcache
 
@@ -148,12 +149,6 @@ def left_padded_decode(query, key, value, pad: torch.Tensor, is_causal: bool, sc
     p2 = torch.exp(s - lse2.nan_to_num(neginf=0.0)[..., None])  # 0 where hidden (and for rows with no key)
     out2 = torch.einsum("bhrt,bhtd->bhrd", p2, v2)
 
-    # Merge through the lse: out = sum_i exp(lse_i - lse) out_i; rows that saw no key in either part give 0.
-    out2 = out2.reshape(B, Hq, L, Ev).transpose(1, 2)  # (B, L, Hq, Ev)
-    lse2 = lse2.reshape(B, Hq, L)
-    lse = torch.logaddexp(lse1, lse2)
-    finite = lse.nan_to_num(neginf=0.0)
-    w1 = torch.exp(lse1 - finite).transpose(1, 2)[..., None]  # (B, L, Hq, 1); 0 where lse1 = -inf
-    w2 = torch.exp(lse2 - finite).transpose(1, 2)[..., None]
-    out = w1 * out1.float() + w2 * out2
-    return out.to(query.dtype)
+    # Merged exactly through the lse (rows that saw no key in either part give 0).
+    out, _ = merge_partials(out1.transpose(1, 2), lse1, out2.reshape(B, Hq, L, Ev), lse2.reshape(B, Hq, L))
+    return out.transpose(1, 2).to(query.dtype)  # (B, L, Hq, Ev)
